@@ -1,0 +1,166 @@
+"""Building blocks shared by the tokenizer and the predictor.
+
+Shapes: B batch rows, T query positions, Tk key positions, H heads, hd head size, d model size.
+Inference-only: there is no dropout anywhere (Kronos is always run in eval mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm; statistics in float32, then cast back and scaled (eps 1e-5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """x [..., d] / rms(x) (float32 statistics, cast back) * weight [d]."""
+    if x.dtype != torch.float32:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style ("rotate half") rotary position embedding for one attention module.
+
+    `inv_freq` is a persistent buffer because the published checkpoints store it; it is
+    recomputed here and the stored copy is ignored on load.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, base))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] or [B, T] (integer offsets) -> cos, sin [1 or B, 1, T, hd]."""
+        freqs = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq  # [(B,) T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [(B,) T, hd]
+        if emb.dim() == 2:
+            emb = emb.unsqueeze(0)  # [1, T, hd]
+        emb = emb.unsqueeze(1)  # [B, 1, T, hd]
+        return emb.cos(), emb.sin()
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """inv_freq[j] = base^(-2j / head_dim), float32, shape [head_dim / 2]."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., hd] -> concat(-x[..., hd/2:], x[..., :hd/2])."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd] rotated by the angles in cos/sin [B or 1, 1, T, hd]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of one attention layer for a batch of rows, preallocated in time.
+
+    Tensors are [B, H, capacity, hd]; `length` columns are filled, the same count for
+    every row (the caller masks any column a row must not see).
+    """
+
+    def __init__(self, batch: int, n_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.k = torch.zeros(batch, n_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, hd] after the filled columns; return all filled [B, H, Tk, hd]."""
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not listed in `rows` (indices into the current batch)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions; biased q/k/v/out projections."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.rotary = RotaryEmbedding(self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, causal: bool = True,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d].
+
+        Without a mask, `causal` selects causal or full attention over the keys. With a
+        cache, the new keys/values are appended and the queries attend to every cached
+        column that `attn_mask` [B, 1, T, Tk] (True = attend) allows.
+        """
+        B, T, d = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, H, Tk, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None
+        )  # [B, H, T, hd]
+        y = y.transpose(1, 2).contiguous().view(B, T, d)
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, d_model: int, ff_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ff_dim, bias=False)
+        self.w3 = nn.Linear(d_model, ff_dim, bias=False)
+        self.w2 = nn.Linear(ff_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1 x), then x + ffn(norm2 x)."""
+
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(d_model)
+        self.self_attn = SelfAttention(d_model, n_heads)
+        self.norm2 = RMSNorm(d_model)
+        self.ffn = FeedForward(d_model, ff_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, causal: bool = True,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), cos, sin, attn_mask, causal, cache)
+        return x + self.ffn(self.norm2(x))

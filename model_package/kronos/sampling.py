@@ -1,0 +1,80 @@
+"""Token sampling with upstream Kronos semantics and a counter-based random source.
+
+Filtering (per row): temperature first; if top_k > 0 keep every logit >= the k-th largest
+(ties kept) and ignore top_p; else if top_p < 1 keep the smallest prefix of the sorted
+distribution whose mass reaches top_p (the token that crosses it is kept, the top-1 always).
+
+Randomness: every draw is a pure function of (row key, step, stream), computed with the
+splitmix64 mixer. A row's samples therefore do not depend on which other rows share the
+batch, on the device, or on the global torch RNG (which is never touched).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """Bijective 64-bit mixer (uint64 arrays; wrapping arithmetic)."""
+    z = x.astype(np.uint64) + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def path_keys(seed: int, count: int) -> np.ndarray:
+    """Keys of `count` sample paths of one series drawn with `seed` -> uint64 [count]."""
+    base = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    return splitmix64(base ^ np.arange(count, dtype=np.uint64))
+
+
+def uniforms(keys: np.ndarray, step: int, stream: int) -> np.ndarray:
+    """One U[0, 1) float64 per key for draw number `step` of `stream` -> [len(keys)]."""
+    counter = np.uint64((step << 1) | stream)
+    bits = splitmix64(splitmix64(keys ^ splitmix64(np.array([counter], dtype=np.uint64))))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] (already divided by temperature), per-row top_k [N], top_p [N] -> [N, V]
+    with removed entries set to -inf."""
+    V = logits.shape[-1]
+    out = logits.clone()
+    use_k = top_k > 0
+    if bool(use_k.any()):
+        k = top_k.clamp(1, V)  # [N]
+        kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [N, 1]
+        remove = (logits < kth) & use_k[:, None]
+        out = out.masked_fill(remove, float("-inf"))
+    use_p = (~use_k) & (top_p < 1.0)
+    if bool(use_p.any()):
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # [N, V]
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove_sorted = cumulative > top_p[:, None]
+        remove_sorted[:, 1:] = remove_sorted[:, :-1].clone()  # keep the token that crosses
+        remove_sorted[:, 0] = False
+        remove = remove_sorted.scatter(1, sorted_idx, remove_sorted) & use_p[:, None]
+        out = out.masked_fill(remove, float("-inf"))
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+    """Draw one token per row: logits [N, V], settings [N], u [N] in [0, 1) -> ids [N] int64.
+
+    Inverse-CDF sampling of softmax(filtered logits / temperature); a filtered-out token has
+    probability exactly 0 and can never be drawn.
+    """
+    scaled = logits.float() / temperature[:, None]
+    probs = F.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # [N, V]
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    threshold = torch.from_numpy(u).to(cdf.device) * cdf[:, -1]  # [N]
+    ids = torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0]
+    last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # [N]
+    return torch.minimum(ids, last_kept)
