@@ -1,0 +1,119 @@
+"""`log_kronos_model`: put a Kronos checkpoint pair into MLflow as a self-contained pyfunc.
+
+The tokenizer and model directories are copied into the logged model as artifacts (a
+logged version never needs the hub again), our package goes in with `code_paths` (the
+model loads where the project is not installed), and the metadata says where the
+weights came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.models.model import ModelInfo
+
+from . import __version__
+from .forecaster import KronosForecaster
+from .kronos import resolve_checkpoint
+from .kronos.checkpoint import CONFIG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE
+from .kronos.presets import preset_by_name
+from .pyfunc import MAX_CONTEXT_KEY, MODEL_ARTIFACT, TOKENIZER_ARTIFACT
+from .signature import input_example, kronos_signature
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ENTRY_FILE = PACKAGE_DIR / "pyfunc_entry.py"
+
+# What the logged model needs to run: our pins (pyproject.toml), minus the serving stack.
+MODEL_REQUIREMENTS = [
+    "torch==2.13.0",
+    "mlflow==3.17.2",
+    "numpy>=1.26",
+    "pandas>=2.2,<3",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.33",
+    "pydantic-settings>=2.0",
+]
+
+
+def weight_source(name_or_path: str | Path, revision: str | None, directory: Path) -> dict:
+    """Where a checkpoint came from: hub id + requested and resolved revision, or a path;
+    plus the sha256 of its weights file."""
+    weights = next((directory / f for f in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE)
+                    if (directory / f).is_file()), None)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None
+    if Path(name_or_path).expanduser().is_dir():
+        return {"kind": "path", "path": str(Path(name_or_path).expanduser().resolve()),
+                "weights_sha256": digest}
+    resolved = directory.name if directory.parent.name == "snapshots" else None
+    return {"kind": "hub", "id": str(name_or_path), "revision": revision,
+            "resolved_revision": resolved, "weights_sha256": digest}
+
+
+def _stage_checkpoint(directory: Path, target: Path) -> Path:
+    """Copy only config + weights (hub snapshots may hold other files; symlinks resolved)."""
+    target.mkdir(parents=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (directory / name).is_file():
+            shutil.copyfile(directory / name, target / name)
+    return target
+
+
+def _stage_code(target: Path) -> Path:
+    """A copy of our package without caches, for `code_paths`."""
+    return Path(shutil.copytree(PACKAGE_DIR, target / PACKAGE_DIR.name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+
+
+def log_kronos_model(tokenizer: str | Path | None, model: str | Path, *, name: str = "model",
+                     registered_model_name: str | None = None, max_context: int | None = None,
+                     revision: str | None = None, tokenizer_revision: str | None = None,
+                     cache_dir: str | Path | None = None, example_rows: int = 64,
+                     tags: dict[str, str] | None = None) -> ModelInfo:
+    """Log (and optionally register) a Kronos pyfunc from hub ids or local directories.
+
+    `tokenizer=None` takes the tokenizer a published model ships with; `max_context=None`
+    the checkpoint's own default. Hub ids resolve through the local cache when offline.
+    The checkpoint is loaded once here, so a broken pair fails at log time.
+    """
+    forecaster = KronosForecaster.from_pretrained(
+        tokenizer, model, max_context=max_context, device="cpu", revision=revision,
+        tokenizer_revision=tokenizer_revision, cache_dir=cache_dir)
+    if tokenizer is None:
+        preset = preset_by_name(str(model))
+        tokenizer = preset.tokenizer_id if preset is not None else forecaster.source["tokenizer"]
+    tokenizer_dir = resolve_checkpoint(tokenizer, tokenizer_revision, cache_dir)
+    model_dir = resolve_checkpoint(model, revision, cache_dir)
+    described = forecaster.describe()
+    metadata = {
+        "kronos_serving_version": __version__,
+        "max_context": forecaster.max_context,
+        "model_source": weight_source(model, revision, model_dir),
+        "tokenizer_source": weight_source(tokenizer, tokenizer_revision, tokenizer_dir),
+        "model_config": described["model_config"],
+        "tokenizer_config": described["tokenizer_config"],
+        "model_parameters": described["model_parameters"],
+        "tokenizer_parameters": described["tokenizer_parameters"],
+    }
+    with tempfile.TemporaryDirectory(prefix="kronos-log-") as staging:
+        root = Path(staging)
+        artifacts = {
+            TOKENIZER_ARTIFACT: str(_stage_checkpoint(tokenizer_dir, root / TOKENIZER_ARTIFACT)),
+            MODEL_ARTIFACT: str(_stage_checkpoint(model_dir, root / MODEL_ARTIFACT)),
+        }
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(ENTRY_FILE),
+            artifacts=artifacts,
+            code_paths=[str(_stage_code(root / "code"))],
+            signature=kronos_signature(),
+            input_example=input_example(example_rows),
+            pip_requirements=list(MODEL_REQUIREMENTS),
+            metadata=metadata,
+            model_config={MAX_CONTEXT_KEY: forecaster.max_context},
+            registered_model_name=registered_model_name,
+            tags=tags,
+        )

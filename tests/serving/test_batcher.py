@@ -1,0 +1,136 @@
+"""The series-aware batcher against a real (tiny, random-weight) KronosForecaster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_candles
+
+from model_package import KronosForecaster, SamplingParams
+from serving.batcher import (
+    BatcherConfig,
+    DeadlineExceededError,
+    OverloadedError,
+    SeriesBatcher,
+)
+
+
+class Recorder:
+    """Observer keeping what the batcher reports."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, int]] = []
+        self.queue: list[int] = []
+        self.waits: list[float] = []
+        self.steps = 0
+
+    def queue_changed(self, series: int) -> None:
+        self.queue.append(series)
+
+    def waited(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+        self.passes.append((series, requests))
+
+    def progressed(self, timestamp: float) -> None:
+        self.steps += 1
+
+
+@pytest.fixture(scope="module")
+def forecaster(tiny_checkpoints: tuple[Path, Path]) -> KronosForecaster:
+    tokenizer_dir, model_dir = tiny_checkpoints
+    return KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=64, device="cpu")
+
+
+def history(ids: list[str], seed: int, length: int = 40) -> pd.DataFrame:
+    return pd.concat([make_candles(length + i, seed=seed + i, series_id=sid)
+                      for i, sid in enumerate(ids)], ignore_index=True)
+
+
+def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
+    cases = [(history(["A", "B"], seed=1), SamplingParams(pred_len=3, top_k=1)),
+             (history(["A"], seed=7), SamplingParams(pred_len=5, top_k=1)),
+             (history(["B", "A", "C"], seed=11, length=30),
+              SamplingParams(pred_len=2, top_k=1, sample_count=2))]
+    expected = [forecaster.predict(h, **p.__dict__) for h, p in cases]
+    recorder = Recorder()
+
+    async def main() -> list[pd.DataFrame]:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=16, max_batch_time_s=0.5),
+                                recorder)
+        batcher.start()
+        prepared = [forecaster.prepare(h, p) for h, p in cases]
+        results = await asyncio.gather(*[batcher.submit(forecaster, r, 60) for r in prepared])
+        await batcher.drain_and_stop(10)
+        return [r.frame for r in results]
+
+    frames = asyncio.run(main())
+    assert recorder.passes == [(6, 3)]
+    for got, want in zip(frames, expected, strict=True):
+        pd.testing.assert_frame_equal(got, want, rtol=1e-5)
+    assert recorder.queue[-1] == 0
+
+
+def test_full_queue_is_refused_at_once(forecaster):
+    async def main() -> None:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=4, max_batch_time_s=5,
+                                              queue_capacity_series=3))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(
+            forecaster, forecaster.prepare(history(["a", "b"], 1), SamplingParams(2)), 60))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        with pytest.raises(OverloadedError):
+            await batcher.submit(
+                forecaster, forecaster.prepare(history(["c", "d"], 2), SamplingParams(2)), 60)
+        assert time.monotonic() - started < 0.5
+        first.cancel()
+        await batcher.drain_and_stop(10)
+
+    asyncio.run(main())
+
+
+def test_deadline_abandons_the_series_and_frees_the_worker(forecaster):
+    recorder = Recorder()
+
+    async def main() -> None:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.01), recorder)
+        batcher.start()
+        slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=2000 // 40,
+                                                                               sample_count=64))
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            await batcher.submit(forecaster, slow, 0.3)
+        quick = forecaster.prepare(history(["y"], 4), SamplingParams(pred_len=2, top_k=1))
+        result = await batcher.submit(forecaster, quick, 60)
+        assert len(result.frame) == 2
+        assert time.monotonic() - started < 20
+        await batcher.drain_and_stop(10)
+
+    asyncio.run(main())
+    assert len(recorder.passes) == 2
+    assert recorder.steps < 50 + 2  # the slow pass stopped before its 50 steps
+
+
+def test_jobs_of_two_models_run_in_separate_passes(forecaster, tiny_checkpoints):
+    tokenizer_dir, model_dir = tiny_checkpoints
+    other = KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=64, device="cpu")
+    recorder = Recorder()
+
+    async def main() -> None:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.3), recorder)
+        batcher.start()
+        params = SamplingParams(pred_len=2, top_k=1)
+        await asyncio.gather(
+            batcher.submit(forecaster, forecaster.prepare(history(["a"], 1), params), 60),
+            batcher.submit(other, other.prepare(history(["a"], 1), params), 60),
+            batcher.submit(forecaster, forecaster.prepare(history(["b"], 2), params), 60))
+        await batcher.drain_and_stop(10)
+
+    asyncio.run(main())
+    assert sorted(recorder.passes) == [(1, 1), (2, 2)]
