@@ -433,16 +433,10 @@ class _FastGenerator:
             self._track_memory(cached, sliding)
             if on_step is not None:
                 abandoned.update(int(b) for b in on_step(step))
-
-            def running(row_ids: torch.Tensor) -> torch.Tensor:
-                alive = rows.pred_len[row_ids] > step + 1
-                if abandoned:
-                    alive &= ~torch.isin(rows.series[row_ids], torch.tensor(sorted(abandoned)))
-                return alive
-
-            sliding_rows = sliding.rows[running(sliding.rows)] if sliding is not None else None
+            sliding_rows = (sliding.rows[self._running(sliding.rows, step, abandoned)]
+                            if sliding is not None else None)
             if cached is not None and len(cached.rows):
-                keep = running(cached.rows)
+                keep = self._running(cached.rows, step, abandoned)
                 if not self.rolling:  # rows whose next window slides leave the cache
                     slides = rows.history_len[cached.rows] + step + 1 > W
                     moving = cached.rows[keep & slides]
@@ -458,6 +452,13 @@ class _FastGenerator:
             if (cached is None or not len(cached.rows)) and sliding is None:
                 break
         return self._finish(abandoned), self.stats
+
+    def _running(self, row_ids: torch.Tensor, step: int, abandoned: set[int]) -> torch.Tensor:
+        """[n] bool: rows that still have tokens to generate after `step`."""
+        alive = self.rows.pred_len[row_ids] > step + 1
+        if abandoned:
+            alive &= ~torch.isin(self.rows.series[row_ids], torch.tensor(sorted(abandoned)))
+        return alive
 
     def _track_memory(self, *groups: _Group | None) -> None:
         held = sum(g.nbytes() for g in groups if g is not None)

@@ -1,0 +1,39 @@
+"""Client-facing errors of the runtime, as MLServer errors so that their HTTP status (and
+the matching gRPC code, see `serving.mlserver_patches`) survives MLServer's worker hop."""
+
+from __future__ import annotations
+
+from fastapi import status
+from mlserver.errors import InferenceError, MLServerError
+
+
+class BadForecastInputError(InferenceError):
+    """400 / INVALID_ARGUMENT: the request names a field and breaks a rule."""
+
+
+class ServerOverloadedError(MLServerError):
+    """503 / UNAVAILABLE: the queue is full; the REST response carries Retry-After."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class ForecastTimeoutError(MLServerError):
+    """504 / DEADLINE_EXCEEDED: the request's deadline passed; its work was abandoned."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, status.HTTP_504_GATEWAY_TIMEOUT)
+
+
+class ForecastFailedError(MLServerError):
+    """500 / INTERNAL: generation failed for a reason that is not the client's."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, status.HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+class ModelNotReadyError(MLServerError):
+    """503 / UNAVAILABLE: the model is still loading or is being unloaded."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, status.HTTP_503_SERVICE_UNAVAILABLE)

@@ -1,0 +1,124 @@
+"""Prometheus metrics of the Kronos runtime (exported on MLServer's metrics port).
+
+MLServer runs prometheus_client in multiprocess mode (every worker writes to
+`metrics_dir`), so gauges declare how the per-process values combine, and it
+`importlib.reload`s runtime modules: every metric is get-or-create by name, never
+registered twice. Names are a contract with the alert rules and the dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from typing import TypeVar
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+# Seconds: sub-second GPU passes up to CPU forecasts that take many minutes.
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180,
+                   300, 600, 1200, 1800)
+SERIES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "error")
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+def _get_or_create(kind: type[M], name: str, documentation: str,
+                   registry: CollectorRegistry = REGISTRY, **kwargs: object) -> M:
+    """The metric registered under `name`, created on first use (reload-safe)."""
+    lookup = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
+    existing = registry._names_to_collectors.get(lookup)  # noqa: SLF001 - no public lookup
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    return kind(lookup, documentation, registry=registry, **kwargs)  # type: ignore[arg-type]
+
+
+class KronosMetrics:
+    """All Kronos metrics; also the batcher's observer."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        r = registry
+        self.requests = _get_or_create(
+            Counter, "kronos_requests_total", "Forecast requests by outcome", r,
+            labelnames=("outcome", "model_version"))
+        self.request_seconds = _get_or_create(
+            Histogram, "kronos_request_seconds", "End-to-end request time in the runtime (s)",
+            r, buckets=SECONDS_BUCKETS)
+        self.queue_wait_seconds = _get_or_create(
+            Histogram, "kronos_queue_wait_seconds", "Time a request waited for its pass (s)",
+            r, buckets=SECONDS_BUCKETS)
+        self.inference_seconds = _get_or_create(
+            Histogram, "kronos_inference_seconds", "Time of one generation pass (s)", r,
+            buckets=SECONDS_BUCKETS)
+        self.batch_series = _get_or_create(
+            Histogram, "kronos_batch_series", "Series per generation pass", r,
+            buckets=SERIES_BUCKETS)
+        self.batch_requests = _get_or_create(
+            Histogram, "kronos_batch_requests", "Requests per generation pass", r,
+            buckets=REQUESTS_BUCKETS)
+        self.generated_candles = _get_or_create(
+            Counter, "kronos_generated_candles_total",
+            "Candles generated (series x sample paths x steps)", r)
+        self.queue_series = _get_or_create(
+            Gauge, "kronos_queue_series", "Series waiting for a pass", r,
+            multiprocess_mode="livesum")
+        self.queue_capacity = _get_or_create(
+            Gauge, "kronos_queue_capacity_series", "Series the queue can hold", r,
+            multiprocess_mode="livesum")
+        self.model_info = _get_or_create(
+            Gauge, "kronos_model_info", "The served model (1 = serving this one)", r,
+            labelnames=("model_uri", "model_version"), multiprocess_mode="livemax")
+        self.model_version = _get_or_create(
+            Gauge, "kronos_model_version", "Registry version number being served", r,
+            multiprocess_mode="livemax")
+        self.ready = _get_or_create(
+            Gauge, "kronos_ready", "1 when the model is loaded and warmed up", r,
+            multiprocess_mode="livemax")
+        self.last_progress = _get_or_create(
+            Gauge, "kronos_last_progress_timestamp_seconds",
+            "Unix time of the last generation step or finished pass", r,
+            multiprocess_mode="livemax")
+        self.resident_memory = _get_or_create(
+            Gauge, "kronos_worker_resident_memory_bytes", "Resident memory of the worker (bytes)",
+            r, multiprocess_mode="livemax")
+
+    # -- BatchObserver ---------------------------------------------------------------------
+
+    def queue_changed(self, series: int) -> None:
+        self.queue_series.set(series)
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
+
+    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+        self.inference_seconds.observe(seconds)
+        self.batch_series.observe(series)
+        self.batch_requests.observe(requests)
+        self.generated_candles.inc(candles)
+        self.resident_memory.set(rss_bytes())
+
+    def progressed(self, timestamp: float) -> None:
+        self.last_progress.set(timestamp)
+
+    # -- model state -----------------------------------------------------------------------
+
+    def serving(self, model_uri: str, version: str, previous: tuple[str, str] | None) -> None:
+        """Mark `version` as the served model (and the previous one as no longer served)."""
+        if previous is not None and previous != (model_uri, version):
+            self.model_info.labels(*previous).set(0)
+        self.model_info.labels(model_uri, version).set(1)
+        self.model_version.set(float(version) if version.isdigit() else 0)
+
+    def outcome(self, outcome: str, version: str) -> None:
+        self.requests.labels(outcome, version).inc()
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process in bytes (peak RSS where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,154 @@
+"""Helpers for the gateway tests: recording upstreams, an HTTP client bound to a source
+address, and access-log reading."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import grpc
+from mlserver.grpc import dataplane_pb2 as pb
+from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
+from mlserver.grpc import model_repository_pb2 as repo_pb
+from mlserver.grpc import model_repository_pb2_grpc as repo_grpc
+
+from serving.gateway.process import GatewayProcess
+
+CLIENT = "127.0.0.1"  # allowed, not admin
+OUTSIDER = "127.0.0.2"  # not in the allow-list
+ADMIN = "127.0.0.3"  # allowed and admin
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SeenRequest:
+    """What the upstream received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body_length: int
+
+
+@dataclass
+class RecordingUpstream:
+    """A threaded stdlib HTTP server that records requests and echoes them as JSON."""
+
+    port: int
+    seen: list[SeenRequest] = field(default_factory=list)
+
+    def paths(self) -> list[str]:
+        """Paths of every request received, in order."""
+        return [request.path for request in self.seen]
+
+
+def make_handler(upstream: RecordingUpstream) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            upstream.seen.append(SeenRequest(self.command, self.path, dict(self.headers),
+                                             len(body)))
+            if self.path.startswith("/slow"):
+                time.sleep(2.0)
+            payload = json.dumps({"path": self.path, "headers": dict(self.headers),
+                                  "body_length": len(body)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Request-ID", "upstream-must-not-leak")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = _serve  # noqa: N815
+        do_POST = _serve  # noqa: N815
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """A minimal V2 dataplane: live/ready, and ModelInfer echoing the request id it got."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+
+    def ServerLive(self, request: pb.ServerLiveRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    def ModelInfer(self, request: pb.ModelInferRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        metadata = dict(context.invocation_metadata())
+        request_id = str(metadata.get("x-request-id", ""))
+        self.request_ids.append(request_id)
+        return pb.ModelInferResponse(model_name=request.model_name, id=request_id)
+
+
+class RepositoryServicer(repo_grpc.ModelRepositoryServiceServicer):
+    """The model repository service (admin only through the gateway)."""
+
+    def RepositoryIndex(self, request: repo_pb.RepositoryIndexRequest,  # noqa: N802
+                        context: grpc.ServicerContext) -> repo_pb.RepositoryIndexResponse:
+        return repo_pb.RepositoryIndexResponse()
+
+
+@dataclass
+class Reply:
+    """An HTTP response, read completely."""
+
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+def call(gateway: GatewayProcess, path: str, method: str = "GET", body: bytes | None = None,
+         headers: dict[str, str] | None = None, source: str = CLIENT,
+         chunked: bool = False) -> Reply:
+    """One HTTP/1.1 request to the gateway's REST port from the `source` address."""
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.settings.http_port,
+                                            timeout=10, source_address=(source, 0))
+    try:
+        if chunked:
+            assert body is not None
+            connection.request(method, path, body=iter([body]), headers=headers or {},
+                               encode_chunked=True)
+        else:
+            connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Reply(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def log_entries(gateway: GatewayProcess, timeout_s: float = 2.0,
+                request_id: str | None = None) -> list[dict[str, Any]]:
+    """Parsed access-log lines; with `request_id`, waits until that request is logged."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = gateway.access_log.read_text() if gateway.access_log.exists() else ""
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if request_id is None or any(e["request_id"] == request_id for e in entries):
+            return entries
+        if time.monotonic() > deadline:
+            raise AssertionError(f"request {request_id} not in the access log")
+        time.sleep(0.05)
