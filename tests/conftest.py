@@ -19,6 +19,9 @@ PARITY_DIR = SHARED / "fixtures" / "kronos-parity-tiny"
 
 torch.set_num_threads(2)
 
+# Model tests run on the CPU unless KRONOS_TEST_DEVICE names another device (e.g. cuda).
+TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
+
 TINY_TOKENIZER = TokenizerConfig(
     d_in=6, d_model=32, n_heads=2, ff_dim=64, n_enc_layers=3, n_dec_layers=3,
     ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=8, s2_bits=8,
@@ -35,6 +38,11 @@ def parity_dir() -> Path:
     """The upstream parity fixtures (must exist: they sit in ../shared beside the repo)."""
     assert PARITY_DIR.is_dir(), f"parity fixtures not found at {PARITY_DIR}"
     return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session")

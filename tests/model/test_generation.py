@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import psutil
 import pytest
@@ -18,6 +19,8 @@ from model_package.kronos import (
 )
 from model_package.kronos.checkpoint import random_init_
 
+TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
+
 
 def _pair(bits: int, d_model: int, n_heads: int, n_layers: int, seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -29,7 +32,7 @@ def _pair(bits: int, d_model: int, n_heads: int, n_layers: int, seed: int):
         s1_bits=bits, s2_bits=bits, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
         ff_dim=2 * d_model, ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
         token_dropout_p=0.0, learn_te=n_layers % 2 == 0))
-    return random_init_(tokenizer, g), random_init_(model, g)
+    return random_init_(tokenizer, g).to(TEST_DEVICE), random_init_(model, g).to(TEST_DEVICE)
 
 
 def _series(length: int, pred_len: int, data_seed: int, **kwargs) -> SeriesInput:
@@ -46,6 +49,7 @@ def _assert_same(a, b, rtol=1e-4):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.window_s1, y.window_s1) and torch.equal(x.window_s2, y.window_s2)
         torch.testing.assert_close(x.paths, y.paths, rtol=rtol, atol=1e-5)
+        assert x.paths.device.type == TEST_DEVICE
 
 
 SHAPES = [(10, 64, 8, 2), (6, 48, 2, 3), (8, 40, 5, 1)]

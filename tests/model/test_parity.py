@@ -32,10 +32,10 @@ def _assert_close(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
 
 
 @pytest.fixture(scope="module")
-def fixture_forecaster(parity_dir):
+def fixture_forecaster(parity_dir, device):
     cases = json.loads((parity_dir / "cases.json").read_text())
     return KronosForecaster.from_pretrained(parity_dir / "tokenizer", parity_dir / "model",
-                                            max_context=cases["max_context"], device="cpu")
+                                            max_context=cases["max_context"], device=device)
 
 
 def test_fixture_set_covers_expected_cases(parity_dir):
@@ -78,10 +78,10 @@ def test_batch_case_matches_upstream(parity_dir, fixture_forecaster):
 
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
-def test_token_traces_match_upstream(parity_dir, mode):
+def test_token_traces_match_upstream(parity_dir, mode, device):
     """Tokenizer codes of the history and the final decode window, token by token."""
-    tokenizer = load_tokenizer(parity_dir / "tokenizer")
-    model = load_model(parity_dir / "model")
+    tokenizer = load_tokenizer(parity_dir / "tokenizer").to(device)
+    model = load_model(parity_dir / "model").to(device)
     max_context = json.loads((parity_dir / "cases.json").read_text())["max_context"]
     traced = 0
     for case in _cases(parity_dir):
