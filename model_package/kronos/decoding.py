@@ -170,21 +170,33 @@ def packed_weights(model: Kronos) -> PackedKronos:
 class RowLayout:
     """Where each row's shared prefix is: row r belongs to prefix slot[r] // S, path slot
     slot[r] % S. `prefix_mask` [B, Lp] and `suffix_mask` [Tq, Ts] (True = visible) hide
-    padding, out-of-window or future keys; None means all visible."""
+    padding, out-of-window or future keys; None means all visible.
 
-    slot: torch.Tensor  # [n] int64
+    `slot` lives on the CPU (bookkeeping never waits for the device); `device_slot` is its
+    copy on the compute device.
+    """
+
+    slot: torch.Tensor  # [n] int64, cpu
     n_series: int
     slots_per_series: int
+    device: torch.device
     prefix_mask: torch.Tensor | None = None
     suffix_mask: torch.Tensor | None = None
 
-    @property
-    def one_row_per_series(self) -> bool:
-        return self.slots_per_series == 1 and len(self.slot) == self.n_series and bool(
-            (self.slot == torch.arange(self.n_series, device=self.slot.device)).all())
+    def __post_init__(self) -> None:
+        self.keep(torch.arange(len(self.slot)))
 
     def keep(self, keep: torch.Tensor) -> None:
+        """Keep the rows at positions `keep` [m] (cpu)."""
         self.slot = self.slot[keep]
+        self.device_slot = self.slot.to(self.device)
+        self.one_row_per_series = self.slots_per_series == 1 and torch.equal(
+            self.slot, torch.arange(self.n_series))
+
+    @property
+    def series_slot(self) -> torch.Tensor:
+        """[n] prefix index of each row, on the device."""
+        return self.device_slot // self.slots_per_series
 
 
 def _to_slots(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
@@ -194,7 +206,7 @@ def _to_slots(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
     if layout.one_row_per_series:
         return rows
     grid = rows.new_zeros(B * S, H, Tq, X)
-    grid[layout.slot] = rows
+    grid[layout.device_slot] = rows
     return grid.view(B, S, H, Tq, X).transpose(1, 2).reshape(B, H, S * Tq, X)
 
 
@@ -204,7 +216,7 @@ def _from_slots(grid: torch.Tensor, layout: RowLayout, Tq: int) -> torch.Tensor:
         return grid
     B, H, _, X = grid.shape
     S = layout.slots_per_series
-    return grid.view(B, H, S, Tq, X).transpose(1, 2).reshape(B * S, H, Tq, X)[layout.slot]
+    return grid.view(B, H, S, Tq, X).transpose(1, 2).reshape(B * S, H, Tq, X)[layout.device_slot]
 
 
 def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,

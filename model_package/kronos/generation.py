@@ -32,7 +32,7 @@ import torch
 from .decoding import RowLayout, SharedPrefixKV, packed_weights, shared_prefix_attention
 from .layers import KVCache
 from .model import Kronos
-from .sampling import path_keys, sample_tokens, uniforms
+from .sampling import draw_table, path_keys, sample_tokens, uniforms
 from .tokenizer import KronosTokenizer
 
 GenerationMode = Literal["fast", "reference", "rolling"]
@@ -92,6 +92,8 @@ class _Rows:
     top_k: torch.Tensor
     top_p: torch.Tensor
     keys: np.ndarray  # [N] uint64
+    top_k_cpu: torch.Tensor  # [N] host copies, for decisions that must not wait on the device
+    top_p_cpu: torch.Tensor
 
     @classmethod
     def build(cls, series: Sequence[SeriesInput], device: torch.device) -> _Rows:
@@ -100,16 +102,26 @@ class _Rows:
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
 
+        top_k = per_row([s.top_k for s in series], torch.long)
+        top_p = per_row([s.top_p for s in series], torch.float32)
         return cls(
             series=per_row(list(range(len(series))), torch.long),
             path=torch.cat([torch.arange(c) for c in counts]),
             history_len=per_row([s.candles.shape[0] for s in series], torch.long),
             pred_len=per_row([s.pred_len for s in series], torch.long),
             temperature=per_row([s.temperature for s in series], torch.float32).to(device),
-            top_k=per_row([s.top_k for s in series], torch.long).to(device),
-            top_p=per_row([s.top_p for s in series], torch.float32).to(device),
+            top_k=top_k.to(device),
+            top_p=top_p.to(device),
             keys=np.concatenate([path_keys(s.seed, s.sample_count) for s in series]),
+            top_k_cpu=top_k,
+            top_p_cpu=top_p,
         )
+
+    def filter_flags(self, rows: torch.Tensor) -> dict:
+        """Host-side summary of the filters `rows` (cpu ids) use: max_top_k, any_top_p."""
+        top_k, top_p = self.top_k_cpu[rows], self.top_p_cpu[rows]
+        return {"max_top_k": int(top_k.max()) if len(rows) else 0,
+                "any_top_p": bool(((top_k == 0) & (top_p < 1.0)).any())}
 
 
 def validate_series(series: Sequence[SeriesInput], d_in: int) -> None:
@@ -200,11 +212,15 @@ class _Group:
     h_last: torch.Tensor  # [n, d]
     window_start: torch.Tensor | None = None  # [B] global column of each slot's position 0
 
+    def __post_init__(self) -> None:
+        self.device_rows = self.rows.to(self.h_last.device)
+
     def keep(self, keep: torch.Tensor) -> None:
         """Keep the rows at positions `keep` [m] (cpu) of this group."""
         dev_keep = keep.to(self.h_last.device)
         self.rows = self.rows[keep]
-        self.layout.keep(dev_keep)
+        self.device_rows = self.rows.to(self.h_last.device)
+        self.layout.keep(keep)
         for kv in self.kv:
             kv.keep_rows(dev_keep)
         self.h_last = self.h_last[dev_keep]
@@ -227,6 +243,9 @@ class _FastGenerator:
         self.device = next(model.parameters()).device
         self.packed = packed_weights(model)
         self.rows = _Rows.build(series, self.device)
+        self.row_series = self.rows.series.to(self.device)  # [N]
+        steps = max(s.pred_len for s in series)
+        self.draws = torch.from_numpy(draw_table(self.rows.keys, steps)).to(self.device)  # [N, P, 2]
         self.stats = GenerationStats(rows=len(self.rows.series))
         self.lengths = [s.candles.shape[0] for s in series]
         self.Lmax = max(self.lengths)
@@ -248,14 +267,13 @@ class _FastGenerator:
         slot_of_series[torch.tensor(series)] = torch.arange(len(series))
         S = max(self.series[b].sample_count for b in series)
         slot = slot_of_series[self.rows.series[rows]] * S + self.rows.path[rows]
-        return RowLayout(slot.to(self.device), len(series), S, **masks)
+        return RowLayout(slot, len(series), S, self.device, **masks)
 
-    def _embed_rows(self, rows: torch.Tensor, cols: slice) -> torch.Tensor:
-        """Embedding of the tokens of `rows` at global columns `cols` -> [n, T, d]."""
-        dev_rows = rows.to(self.device)
-        series = self.rows.series[rows].to(self.device)
+    def _embed_rows(self, dev_rows: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Embedding of the tokens of rows `dev_rows` (device ids) at global columns `cols`
+        -> [n, T, d]."""
         return self.packed.embed(self.model, self.tok1[dev_rows, cols], self.tok2[dev_rows, cols],
-                                 self.stamps[series, cols])
+                                 self.stamps[self.row_series[dev_rows], cols])
 
     def _history_trunk(self, series: list[int], start: int
                        ) -> tuple[torch.Tensor, list[KVCache]]:
@@ -318,8 +336,7 @@ class _FastGenerator:
         window_start = torch.tensor([Lmax - E for E in spans], device=self.device)
         layout = self._layout(rows, series)
         kv = [SharedPrefixKV(p[0], p[1], len(rows), self.Pmax) for p in prefix]
-        group = _Group(rows, series, layout, kv, torch.stack(h_last)[layout.slot // layout.slots_per_series],
-                       window_start)
+        group = _Group(rows, series, layout, kv, torch.stack(h_last)[layout.series_slot], window_start)
         group.layout.prefix_mask = self._prefix_mask(group, c0, Lmax - 1)
         return group
 
@@ -342,8 +359,7 @@ class _FastGenerator:
         """Feed the tokens at global column `col` through the cache; refresh h_last."""
         layout, kv = group.layout, group.kv
         c0 = self.Lmax - kv[0].prefix_k.shape[2]
-        slot_series = layout.slot // layout.slots_per_series
-        positions = (col - group.window_start[slot_series])[:, None]  # [n, 1]
+        positions = (col - group.window_start[layout.series_slot])[:, None]  # [n, 1]
         if self.rolling:  # the window moves: recompute what each row still sees
             layout.prefix_mask = self._prefix_mask(group, c0, col)
             suffix_cols = torch.arange(self.Lmax, col + 1, device=self.device)
@@ -354,7 +370,7 @@ class _FastGenerator:
             kv[layer].append(k, v)
             return kv[layer].attend(q, layout)
 
-        h = self.packed.trunk(self._embed_rows(group.rows, slice(col, col + 1)), positions,
+        h = self.packed.trunk(self._embed_rows(group.device_rows, slice(col, col + 1)), positions,
                               self.model.rotary, attend)  # [n, 1, d]
         kv[-1].append(*self.packed.dependency_keys_values(h))
         group.h_last = h[:, 0]
@@ -386,32 +402,33 @@ class _FastGenerator:
         if Tg:
             causal = torch.ones(Tg, Tg, dtype=torch.bool, device=self.device).tril()
             trunk_layout = RowLayout(layout.slot, layout.n_series, layout.slots_per_series,
-                                     suffix_mask=causal)
+                                     self.device, suffix_mask=causal)
 
             def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return shared_prefix_attention(q, *prefix[layer], k, v, trunk_layout)
 
             positions = torch.arange(Lh, W, device=self.device).expand(len(rows), -1)
-            h = packed.trunk(self._embed_rows(rows, slice(col + 1 - Tg, col + 1)), positions,
+            h = packed.trunk(self._embed_rows(rows.to(self.device), slice(col + 1 - Tg, col + 1)), positions,
                              model.rotary, attend)  # [n, Tg, d]
             dep_kv.append(*packed.dependency_keys_values(h))
             h_last = h[:, -1]
         else:  # the window is all history (first step of a series longer than W)
-            h_last = h_hist[layout.slot // layout.slots_per_series, -1]
+            h_last = h_hist[layout.series_slot, -1]
         self.stats.full_window_passes += 1
         return _Group(rows, series, layout, [dep_kv], h_last)
 
     # -- main loop -------------------------------------------------------------------------
 
     def _sample(self, group: _Group, step: int) -> None:
-        rows, dev_rows = self.rows, group.rows.to(self.device)
+        rows, dev_rows = self.rows, group.device_rows
         settings = (rows.temperature[dev_rows], rows.top_k[dev_rows], rows.top_p[dev_rows])
-        keys = rows.keys[group.rows.numpy()]
-        s1 = sample_tokens(self.packed.s1_logits(group.h_last), *settings, uniforms(keys, step, 0))
+        flags = rows.filter_flags(group.rows)
+        draws = self.draws[dev_rows, step]  # [n, 2]
+        s1 = sample_tokens(self.packed.s1_logits(group.h_last), *settings, draws[:, 0], **flags)
         dep = group.kv[-1]
         s2_logits = self.packed.s2_logits(self.model, group.h_last, s1,
                                           lambda q: dep.attend(q, group.layout))
-        s2 = sample_tokens(s2_logits, *settings, uniforms(keys, step, 1))
+        s2 = sample_tokens(s2_logits, *settings, draws[:, 1], **flags)
         col = self.Lmax + step
         self.tok1[dev_rows, col] = s1
         self.tok2[dev_rows, col] = s2

@@ -41,19 +41,36 @@ def uniforms(keys: np.ndarray, step: int, stream: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def draw_table(keys: np.ndarray, steps: int) -> np.ndarray:
+    """All draws of a generation at once: [len(keys), steps, 2] with [:, t, s] equal to
+    uniforms(keys, t, s)."""
+    counters = (np.arange(steps, dtype=np.uint64)[:, None] << np.uint64(1)) | np.arange(2, dtype=np.uint64)
+    bits = splitmix64(splitmix64(keys[:, None, None] ^ splitmix64(counters)[None]))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  max_top_k: int | None = None, any_top_p: bool | None = None) -> torch.Tensor:
     """logits [N, V] (already divided by temperature), per-row top_k [N], top_p [N] -> [N, V]
-    with removed entries set to -inf."""
+    with removed entries set to -inf.
+
+    `max_top_k` (largest top_k, 0 if none) and `any_top_p` (some row uses top-p) may be
+    passed when known on the host, which spares the device two synchronisations.
+    """
     V = logits.shape[-1]
     out = logits.clone()
     use_k = top_k > 0
-    if bool(use_k.any()):
+    if max_top_k is None:
+        max_top_k = int(top_k.max())
+    if max_top_k > 0:
         k = top_k.clamp(1, V)  # [N]
-        kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [N, 1]
+        kth = torch.topk(logits, min(max_top_k, V), dim=-1).values.gather(1, (k - 1)[:, None])  # [N, 1]
         remove = (logits < kth) & use_k[:, None]
         out = out.masked_fill(remove, float("-inf"))
     use_p = (~use_k) & (top_p < 1.0)
-    if bool(use_p.any()):
+    if any_top_p is None:
+        any_top_p = bool(use_p.any())
+    if any_top_p:
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)  # [N, V]
         cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
         remove_sorted = cumulative > top_p[:, None]
@@ -65,16 +82,18 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+                  top_p: torch.Tensor, u: np.ndarray | torch.Tensor, max_top_k: int | None = None,
+                  any_top_p: bool | None = None) -> torch.Tensor:
     """Draw one token per row: logits [N, V], settings [N], u [N] in [0, 1) -> ids [N] int64.
 
     Inverse-CDF sampling of softmax(filtered logits / temperature); a filtered-out token has
     probability exactly 0 and can never be drawn.
     """
     scaled = logits.float() / temperature[:, None]
-    probs = F.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # [N, V]
+    probs = F.softmax(filter_logits(scaled, top_k, top_p, max_top_k, any_top_p), dim=-1)  # [N, V]
     cdf = probs.double().cumsum(-1)  # [N, V]
-    threshold = torch.from_numpy(u).to(cdf.device) * cdf[:, -1]  # [N]
+    u = torch.from_numpy(u) if isinstance(u, np.ndarray) else u
+    threshold = u.to(cdf.device) * cdf[:, -1]  # [N]
     ids = torch.searchsorted(cdf, threshold[:, None], right=True)[:, 0]
     last_kept = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # [N]
     return torch.minimum(ids, last_kept)

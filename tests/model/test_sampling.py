@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from model_package.kronos.sampling import filter_logits, path_keys, sample_tokens, uniforms
+from model_package.kronos.sampling import draw_table, filter_logits, path_keys, sample_tokens, uniforms
 
 
 def _kept(logits, top_k=0, top_p=1.0):
@@ -70,3 +70,11 @@ def test_uniform_draws_depend_on_key_step_and_stream_only():
     assert np.array_equal(uniforms(keys[2:], 7, 0), uniforms(keys, 7, 0)[2:])
     u = uniforms(path_keys(0, 100000), 0, 0)
     assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_draw_table_holds_the_same_draws_as_uniforms():
+    keys = path_keys(3, 5)
+    table = draw_table(keys, 7)
+    for step in range(7):
+        for stream in (0, 1):
+            assert np.array_equal(table[:, step, stream], uniforms(keys, step, stream))
