@@ -81,11 +81,14 @@ class GatewayLogMetrics:
 
 
 def follow(path: Path, stop: threading.Event, from_start: bool = False,
-           poll_s: float = 0.2) -> Iterator[str]:
+           poll_s: float = 0.2, max_bytes: int = 0) -> Iterator[str]:
     """Yield complete lines appended to `path` until `stop` is set.
 
     Waits for the file to appear; reopens it from the start when it is replaced (rotation,
     new inode) or truncated. Starts at the end of an existing file unless `from_start`.
+    With `max_bytes` > 0, truncates the file once everything in it has been read and it
+    holds at least that many bytes (like logrotate's copytruncate: nginx appends, so its
+    next line lands at the new start), which keeps the log from filling the disk.
     """
     handle = None
     inode = -1
@@ -110,7 +113,9 @@ def follow(path: Path, stop: threading.Event, from_start: bool = False,
             for raw in lines:
                 yield raw.decode("utf-8", errors="replace")
             continue
-        # No new data: check for rotation or truncation, then wait.
+        # No new data: trim the file if asked, check for rotation or truncation, then wait.
+        if max_bytes > 0 and not pending and handle.tell() >= max_bytes:
+            os.truncate(path, 0)
         try:
             current = path.stat()
         except FileNotFoundError:
@@ -129,9 +134,9 @@ def follow(path: Path, stop: threading.Event, from_start: bool = False,
 
 
 def run(log: Path, metrics: GatewayLogMetrics, stop: threading.Event,
-        from_start: bool = False, poll_s: float = 0.2) -> None:
+        from_start: bool = False, poll_s: float = 0.2, max_bytes: int = 0) -> None:
     """Feed every new line of `log` into `metrics` until `stop` is set."""
-    for line in follow(log, stop, from_start=from_start, poll_s=poll_s):
+    for line in follow(log, stop, from_start=from_start, poll_s=poll_s, max_bytes=max_bytes):
         metrics.observe_line(line)
 
 
@@ -148,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-start", action="store_true",
                         help="count lines already in the log (default: only new ones)")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between polls")
+    parser.add_argument("--max-bytes", type=int,
+                        default=int(os.environ.get("KRONOS_GATEWAY_EXPORTER_MAX_BYTES", "0")),
+                        help="truncate the log after reading it once it is this large "
+                             "(0: never; the exporter then needs write access)")
     args = parser.parse_args(argv)
 
     metrics = GatewayLogMetrics()
@@ -157,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     print(f"exporting {args.log} on http://{args.host}:{args.port}/metrics", flush=True)
     try:
-        run(args.log, metrics, stop, from_start=args.from_start, poll_s=args.poll)
+        run(args.log, metrics, stop, from_start=args.from_start, poll_s=args.poll,
+            max_bytes=args.max_bytes)
     finally:
         server.shutdown()
         thread.join(timeout=5)

@@ -86,6 +86,7 @@ class GatewaySettings(BaseSettings):
     worker_processes: str = Field("auto", description="nginx worker processes (N or auto)")
     worker_connections: int = Field(1024, ge=16, description="connections per worker")
     access_log: str = Field("logs/access.log", description="JSON access log (prefix-relative)")
+    access_log_stdout: bool = Field(False, description="also write access log lines to stdout")
     error_log: str = Field("stderr", description="error log: stderr or a path")
     error_log_level: str = Field("warn", description="error log level")
     user: str = Field("", description="worker user; only used when nginx starts as root")
@@ -185,6 +186,8 @@ def template_values(settings: GatewaySettings) -> dict[str, str]:
         "rate_limit_burst": str(settings.rate_limit_burst),
         "rate_limit_zone_size": settings.rate_limit_zone_size,
         "access_log": settings.access_log,
+        "access_log_stdout": ("access_log /dev/stdout kronos_json;"
+                              if settings.access_log_stdout else ""),
         "max_body_size": settings.max_body_size,
         "client_body_buffer_size": settings.client_body_buffer_size,
         "client_timeout_ms": str(_ms(settings.client_timeout_s)),

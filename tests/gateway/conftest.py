@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -15,6 +14,8 @@ import pytest
 from gateway_helpers import (
     ADMIN,
     CLIENT,
+    GatewayFactory,
+    GrpcUpstream,
     InferenceServicer,
     RecordingUpstream,
     RepositoryServicer,
@@ -41,14 +42,6 @@ def upstream() -> Iterator[RecordingUpstream]:
     server.server_close()
 
 
-@dataclass
-class GrpcUpstream:
-    """The gRPC upstream standing in for MLServer's gRPC port."""
-
-    port: int
-    inference: InferenceServicer
-
-
 @pytest.fixture(scope="session")
 def grpc_upstream() -> Iterator[GrpcUpstream]:
     """A real grpcio server with the V2 dataplane and repository services."""
@@ -60,9 +53,6 @@ def grpc_upstream() -> Iterator[GrpcUpstream]:
     server.start()
     yield GrpcUpstream(port=port, inference=inference)
     server.stop(grace=None)
-
-
-GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture(scope="session")

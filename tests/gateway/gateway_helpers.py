@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -66,12 +67,15 @@ def make_handler(upstream: RecordingUpstream) -> type[BaseHTTPRequestHandler]:
                 time.sleep(2.0)
             payload = json.dumps({"path": self.path, "headers": dict(self.headers),
                                   "body_length": len(body)}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("X-Request-ID", "upstream-must-not-leak")
-            self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("X-Request-ID", "upstream-must-not-leak")
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the gateway gave up first (the /slow timeout test)
 
         do_GET = _serve  # noqa: N815
         do_POST = _serve  # noqa: N815
@@ -97,6 +101,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata())
         request_id = str(metadata.get("x-request-id", ""))
         self.request_ids.append(request_id)
+        if request.model_name == "missing":  # an error before any message: trailers-only
+            context.abort(grpc.StatusCode.NOT_FOUND, "model missing not found")
         return pb.ModelInferResponse(model_name=request.model_name, id=request_id)
 
 
@@ -106,6 +112,17 @@ class RepositoryServicer(repo_grpc.ModelRepositoryServiceServicer):
     def RepositoryIndex(self, request: repo_pb.RepositoryIndexRequest,  # noqa: N802
                         context: grpc.ServicerContext) -> repo_pb.RepositoryIndexResponse:
         return repo_pb.RepositoryIndexResponse()
+
+
+@dataclass
+class GrpcUpstream:
+    """The gRPC upstream standing in for MLServer's gRPC port."""
+
+    port: int
+    inference: InferenceServicer
+
+
+GatewayFactory = Callable[..., GatewayProcess]
 
 
 @dataclass

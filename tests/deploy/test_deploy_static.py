@@ -1,0 +1,376 @@
+"""Static checks of the Dockerfile, the compose files and .env.example (no Docker engine).
+
+Every checker also runs on a deliberately broken copy, proving that it catches breakage.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_checks import (
+    compose_file_references,
+    compose_variables,
+    default_mismatches,
+    dockerfile_copy_sources,
+    dockerfile_instructions,
+    documented_variables,
+    is_dockerignored,
+    missing_compose_files,
+    missing_copy_sources,
+    variable_problems,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_DEV = ROOT / "docker-compose.dev.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
+DOCKER_COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
+
+
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
+    """Lint with hadolint (fails on any finding, info included)."""
+    return subprocess.run([HADOLINT, "--failure-threshold", "info", str(dockerfile)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def compose_config(*files: Path, env_file: Path = ENV_EXAMPLE
+                   ) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` (validates and resolves; needs no Docker engine)."""
+    command = [DOCKER_COMPOSE, "--env-file", str(env_file), "--project-directory",
+               str(files[0].parent)]
+    for file in files:
+        command += ["-f", str(file)]
+    return subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60)
+
+
+def _resolved(*files: Path) -> dict[str, Any]:
+    result = compose_config(*files)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a resolved service's volumes (short or long syntax)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, target = volume.split(":")[:2]
+        else:
+            source, target = volume.get("source", ""), volume["target"]
+        mounts[target] = source
+    return mounts
+
+
+# ------------------------------------------------------------------------- Dockerfile
+
+
+def test_hadolint_is_clean() -> None:
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get update && apt-get install -y curl\n")
+    result = hadolint(bad)
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout  # untagged base image
+
+
+def test_dockerfile_shape() -> None:
+    text = DOCKERFILE.read_text()
+    assert "FROM ${PYTHON_IMAGE} AS builder" in text
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert 'pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url' in text
+    assert "HEALTHCHECK" in text and "/v2/health/ready" in text
+    assert 'CMD ["mlserver", "start", "/app/serving"]' in text
+    # the runtime stage is the last (default) one and runs as a non-root user
+    runtime = text.rsplit("FROM ", 1)[1]
+    assert runtime.startswith("${PYTHON_IMAGE} AS runtime")
+    assert "USER 10001:10001" in runtime
+    assert "COPY --from=builder /opt/venv /opt/venv" in runtime
+    # sources and build tools stay in the builder
+    assert "pip install" not in runtime and "COPY --from=builder /src" not in runtime
+
+
+def test_image_serves_on_all_interfaces_at_the_ports_the_stack_expects(tmp_path: Path) -> None:
+    """Run the Dockerfile's settings.json rewrite on a copy: host 0.0.0.0, ports kept."""
+    settings = json.loads((ROOT / "serving" / "settings.json").read_text())
+    assert (settings["http_port"], settings["grpc_port"], settings["metrics_port"]) == (
+        8080, 8081, 8082)  # gateway upstreams, Prometheus target and HEALTHCHECK use these
+    (rewrite,) = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE)
+                  if keyword == "RUN" and "settings.json" in arguments]
+    command = shlex.split(rewrite)
+    assert command[:2] == ["python", "-c"]
+    copy = tmp_path / "settings.json"
+    shutil.copy(ROOT / "serving" / "settings.json", copy)
+    code = command[2].replace("/app/serving/settings.json", str(copy))
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert json.loads(copy.read_text()) == {**settings, "host": "0.0.0.0"}
+
+
+def test_every_copied_file_exists_and_is_in_the_context() -> None:
+    sources = dockerfile_copy_sources(DOCKERFILE)
+    assert {"pyproject.toml", "README.md", "model_package", "serving",
+            "serving/gateway/render.py", "serving/gateway/nginx.conf.template"} <= set(sources)
+    assert missing_copy_sources(DOCKERFILE, ROOT) == []
+
+
+def test_copy_checker_catches_missing_and_dockerignored_sources(tmp_path: Path) -> None:
+    for name in ("pyproject.toml", "README.md", ".dockerignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "x.py").write_text("")
+    broken = tmp_path / "Dockerfile"
+    broken.write_text("FROM python:3.11-slim AS a\n"
+                      "COPY pyproject.toml \\\n    README.md /src/\n"
+                      "COPY --chown=1:1 does_not_exist /x\n"
+                      "COPY tests /tests\n"
+                      "COPY --from=a /opt /opt\n")
+    assert missing_copy_sources(broken, tmp_path) == [
+        "does_not_exist: not in the build context",
+        "tests: excluded by .dockerignore",
+    ]
+
+
+def test_dockerignore_rules() -> None:
+    patterns = [".venv", "**/__pycache__", "tests", "!tests/keep.py"]
+    assert is_dockerignored(".venv/bin/python", patterns)
+    assert is_dockerignored("serving/__pycache__/x.pyc", patterns)
+    assert is_dockerignored("tests/a.py", patterns)
+    assert not is_dockerignored("tests/keep.py", patterns)
+    assert not is_dockerignored("serving/gateway/render.py", patterns)
+
+
+# ------------------------------------------------------------------------- compose
+
+
+def test_compose_config_is_valid_alone_and_with_dev_override() -> None:
+    assert compose_config(COMPOSE).returncode == 0, compose_config(COMPOSE).stderr
+    result = compose_config(COMPOSE, COMPOSE_DEV)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_requires_the_passwords(tmp_path: Path) -> None:
+    env = tmp_path / "no-passwords.env"
+    env.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
+                           if "PASSWORD" not in line))
+    result = compose_config(COMPOSE, env_file=env)
+    assert result.returncode != 0
+    assert "PASSWORD" in result.stderr
+
+
+def test_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace(
+        "      postgres:\n        condition: service_healthy",
+        "      postgres:\n        condition: when_it_feels_like_it"))
+    result = compose_config(broken)
+    assert result.returncode != 0
+    assert "when_it_feels_like_it" in result.stderr
+
+
+def test_stack_services_networks_healthchecks_limits() -> None:
+    config = _resolved(COMPOSE)
+    services = config["services"]
+    assert set(services) == {"postgres", "mlflow", "register", "kronos", "gateway",
+                             "gateway-exporter", "prometheus", "grafana"}
+    assert config["networks"]["serving"]["internal"] is True
+    assert config["networks"]["monitoring"]["internal"] is True
+    for name, service in services.items():
+        if name == "register":
+            assert service["restart"] == "no"
+            continue
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+        limits = service["deploy"]["resources"]["limits"]
+        assert limits["cpus"] and limits["memory"], name
+    # the model server is reachable only through the gateway
+    assert "ports" not in services["kronos"]
+    assert set(services["kronos"]["networks"]) == {"serving", "monitoring"}
+    assert "serving" not in services["prometheus"]["networks"]
+    assert services["postgres"]["networks"].keys() == {"serving"}
+    kronos_deps = services["kronos"]["depends_on"]
+    assert kronos_deps["register"]["condition"] == "service_completed_successfully"
+    assert kronos_deps["mlflow"]["condition"] == "service_healthy"
+    assert services["gateway"]["depends_on"]["kronos"]["condition"] == "service_healthy"
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_mlflow_and_register_commands() -> None:
+    services = _resolved(COMPOSE)["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"][:2] == ["mlflow", "server"]
+    assert "--serve-artifacts" in mlflow["command"]
+    assert mlflow["command"][mlflow["command"].index("--workers") + 1] == "1"
+    assert "--artifacts-destination" in mlflow["command"]
+    env = mlflow["environment"]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
+    register = services["register"]["command"]
+    assert register[:4] == ["kronos-registry", "log", "--if-no-champion", "--promote"]
+    assert services["kronos"]["environment"]["KRONOS_MODEL_URI"] == "models:/kronos@champion"
+    gateway_env = services["gateway"]["environment"]
+    assert gateway_env["KRONOS_GATEWAY_UPSTREAM_HTTP"] == "kronos:8080"
+    assert gateway_env["KRONOS_GATEWAY_SERVER_DEADLINE_S"] == \
+        services["kronos"]["environment"]["KRONOS_DEFAULT_DEADLINE_S"]
+
+
+def test_dev_override_mounts_sources_for_hot_reload() -> None:
+    kronos = _resolved(COMPOSE, COMPOSE_DEV)["services"]["kronos"]
+    assert kronos["command"][0] == "watchfiles"
+    assert kronos["environment"]["PYTHONPATH"] == "/app/src"
+    assert kronos["working_dir"] == "/app/src"
+    assert "mlserver start /app/serving" in kronos["command"]
+    targets = set(_mounts(kronos))
+    assert {"/app/src/serving", "/app/src/model_package", "/app/src/registry_scripts"} <= targets
+
+
+def test_every_mounted_config_exists() -> None:
+    for compose_file in (COMPOSE, COMPOSE_DEV):
+        references = compose_file_references(compose_file)
+        assert references, compose_file
+        assert missing_compose_files(compose_file) == [], compose_file
+    references = set(compose_file_references(COMPOSE))
+    assert {"./serving/monitoring/prometheus.yml", "./serving/monitoring/alerts.yml",
+            "./serving/monitoring/grafana/provisioning",
+            "./serving/monitoring/grafana/dashboards", ".", "Dockerfile"} <= references
+
+
+def test_mount_checker_catches_a_missing_file(tmp_path: Path) -> None:
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE.read_text().replace("./serving/monitoring/alerts.yml",
+                                                  "./serving/monitoring/alert-rules.yml"))
+    missing = missing_compose_files(broken)
+    assert "./serving/monitoring/alert-rules.yml" in missing
+
+
+def test_monitoring_mounts_match_the_paths_the_configs_expect() -> None:
+    services = _resolved(COMPOSE)["services"]
+    mounts = _mounts(services["prometheus"])
+    rules = yaml.safe_load((ROOT / "serving/monitoring/prometheus.yml").read_text())
+    for rule_file in rules["rule_files"]:
+        assert f"/etc/prometheus/{rule_file}" in mounts
+    providers = yaml.safe_load(
+        (ROOT / "serving/monitoring/grafana/provisioning/dashboards/kronos.yml").read_text())
+    grafana_targets = set(_mounts(services["grafana"]))
+    assert providers["providers"][0]["options"]["path"] in grafana_targets
+    assert "/etc/grafana/provisioning" in grafana_targets
+
+
+# ------------------------------------------------------------------------- variables
+
+
+def test_every_compose_variable_is_documented() -> None:
+    used = compose_variables(COMPOSE) | compose_variables(COMPOSE_DEV)
+    assert {"POSTGRES_PASSWORD", "KRONOS_GATEWAY_ALLOW_CIDRS", "TORCH_INDEX_URL"} <= used
+    assert variable_problems([COMPOSE, COMPOSE_DEV], ENV_EXAMPLE) == []
+
+
+def test_variable_checker_catches_undocumented_and_stale_variables(tmp_path: Path) -> None:
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text(COMPOSE.read_text() + "\n# ${IN_A_COMMENT}\nx-extra: ${NEW_SECRET}\n")
+    env = tmp_path / ".env.example"
+    env.write_text(ENV_EXAMPLE.read_text() + "\nORPHAN=1\n")
+    assert variable_problems([compose, COMPOSE_DEV], env) == [
+        "NEW_SECRET: used but not in .env.example",
+        "ORPHAN: in .env.example but used nowhere",
+        "ORPHAN: no comment explains it",
+    ]
+
+
+def test_documented_values_are_the_compose_defaults(tmp_path: Path) -> None:
+    assert default_mismatches([COMPOSE, COMPOSE_DEV], ENV_EXAMPLE) == []
+    drifted = tmp_path / ".env.example"
+    drifted.write_text(ENV_EXAMPLE.read_text().replace("KRONOS_GATEWAY_RATE_LIMIT=20r/s",
+                                                       "KRONOS_GATEWAY_RATE_LIMIT=50r/s"))
+    assert default_mismatches([COMPOSE, COMPOSE_DEV], drifted) == [
+        "KRONOS_GATEWAY_RATE_LIMIT: docker-compose.yml falls back to ['20r/s'], "
+        ".env.example says '50r/s'"]
+
+
+def test_env_parser_reads_comment_blocks(tmp_path: Path) -> None:
+    env = tmp_path / ".env.example"
+    env.write_text("# --- section ---\n# The rate.\nRATE=1\nBURST=2\n# Other.\nX=3\n\nY=4\n")
+    assert documented_variables(env) == {"RATE": "The rate.", "BURST": "The rate.",
+                                         "X": "Other.", "Y": ""}
+
+
+@pytest.mark.parametrize("literal", ['pg_isready -U "$$POSTGRES_USER"'])
+def test_double_dollar_is_not_a_variable(tmp_path: Path, literal: str) -> None:
+    compose = tmp_path / "c.yml"
+    compose.write_text(f"services:\n  a:\n    command: {literal} ${{REAL}}\n")
+    assert compose_variables(compose) == {"REAL"}
+
+
+# ------------------------------------------------------------------------- same config, locally
+
+
+def test_compose_gateway_environment_renders_a_config_nginx_accepts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's compose environment, rendered and checked by the real nginx.
+
+    Only what cannot exist outside Docker changes: upstream host names (nginx -t resolves
+    them) and the log path (a volume in the stack)."""
+    from serving.gateway.render import GatewaySettings, check_config, prepare_prefix
+
+    environment = _resolved(COMPOSE)["services"]["gateway"]["environment"]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("KRONOS_GATEWAY_UPSTREAM_HTTP", "127.0.0.1:8080")
+    monkeypatch.setenv("KRONOS_GATEWAY_UPSTREAM_GRPC", "127.0.0.1:8081")
+    monkeypatch.setenv("KRONOS_GATEWAY_ACCESS_LOG", "logs/access.log")
+    settings = GatewaySettings()
+    assert settings.rate_limit == "20r/s" and settings.max_body_size == "16m"
+    assert settings.server_deadline_s == 300
+    prepare_prefix(settings, tmp_path)
+    check_config(tmp_path)
+
+
+def test_ports_agree_across_settings_dockerfile_compose_and_prometheus() -> None:
+    from serving.gateway.render import GatewaySettings
+
+    dockerfile = DOCKERFILE.read_text()
+    gateway_defaults = GatewaySettings()
+    # the gateway image's HEALTHCHECK and EXPOSE use the renderer's defaults
+    assert f"127.0.0.1:{gateway_defaults.status_port}/gateway/health" in dockerfile
+    assert f"EXPOSE {gateway_defaults.http_port} {gateway_defaults.grpc_port} 9145" in dockerfile
+    services = _resolved(COMPOSE)["services"]
+    published = {str(p["target"]) if isinstance(p, dict) else p.split(":")[-1].split("/")[0]
+                 for p in services["gateway"]["ports"]}
+    assert published == {services["gateway"]["environment"]["KRONOS_GATEWAY_HTTP_PORT"],
+                         services["gateway"]["environment"]["KRONOS_GATEWAY_GRPC_PORT"]}
+    assert "9145" in services["gateway-exporter"]["command"]
+    prometheus = yaml.safe_load((ROOT / "serving/monitoring/prometheus.yml").read_text())
+    targets = {target for job in prometheus["scrape_configs"]
+               for config in job.get("static_configs", []) for target in config["targets"]}
+    assert "gateway-exporter:9145" in targets
+    mlserver = json.loads((ROOT / "serving" / "settings.json").read_text())
+    kronos_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "kronos")
+    assert kronos_job["dns_sd_configs"][0]["port"] == mlserver["metrics_port"]
+
+
+def test_service_environment_names_are_real_settings() -> None:
+    """A misspelt KRONOS_* variable would be ignored silently by pydantic-settings."""
+    from serving.gateway.render import GatewaySettings
+    from serving.settings import ServingSettings
+
+    services = _resolved(COMPOSE, COMPOSE_DEV)["services"]
+    serving_fields = {f"KRONOS_{name.upper()}" for name in ServingSettings.model_fields}
+    kronos_env = {name for name in services["kronos"]["environment"]
+                  if name.startswith("KRONOS_")}
+    assert kronos_env and kronos_env <= serving_fields, kronos_env - serving_fields
+    gateway_fields = {f"KRONOS_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
+    gateway_env = set(services["gateway"]["environment"])
+    assert gateway_env <= gateway_fields, gateway_env - gateway_fields
