@@ -15,6 +15,8 @@ help:
 	@echo "make serve   - set up and run the serving stack on the embedded default registry"
 	@echo "make bench   - model-level benchmark: reference vs fast generation"
 	@echo "make lint    - ruff"
+	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
+	@echo "make soak    - start a local stack, soak it below and above capacity, check"
 
 # torch first, from the CPU wheel on disk; then the project with torch pinned so that no
 # other torch build is ever pulled in.
@@ -44,6 +46,34 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m model_package.bench $(BENCH_ARGS)
+
+# Registers NeoQuasar/Kronos-small as kronos@champion when the registry has none (random
+# demo weights with a loud warning when the hub is unreachable), then runs MLServer on
+# 127.0.0.1 (serving/settings.json). Registry: MLFLOW_TRACKING_URI, default .state/mlflow.
+serve: venv
+	$(BIN)/python -m serving $(SERVE_ARGS)
+
+# Locust (serving/loadtest/locustfile.py) against an already running stack (`make serve`
+# in another shell): REST + gRPC users, LOADTEST_USERS users for LOADTEST_DURATION;
+# CSV and HTML reports in LOADTEST_REPORTS (git-ignored).
+LOADTEST_HOST ?= http://127.0.0.1:8080
+LOADTEST_GRPC ?= 127.0.0.1:8081
+LOADTEST_USERS ?= 4
+LOADTEST_DURATION ?= 60s
+LOADTEST_REPORTS ?= loadtest-reports
+loadtest: venv
+	@curl -fsS -o /dev/null $(LOADTEST_HOST)/v2/health/ready || { \
+	  echo "no ready server at $(LOADTEST_HOST): start one with 'make serve'"; exit 1; }
+	mkdir -p $(LOADTEST_REPORTS)
+	$(BIN)/locust -f serving/loadtest/locustfile.py --headless --only-summary \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_USERS) -t $(LOADTEST_DURATION) --stop-timeout 120 \
+	  --host $(LOADTEST_HOST) --grpc-target $(LOADTEST_GRPC) \
+	  --csv $(LOADTEST_REPORTS)/loadtest --html $(LOADTEST_REPORTS)/loadtest.html $(LOADTEST_ARGS)
+
+# Bounded soak (a few minutes): starts its own MLServer (demo weights, temporary registry,
+# free ports), checks zero failures below capacity, fast 503s above it, RSS growth, health.
+soak: venv
+	$(BIN)/python -m serving.loadtest.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

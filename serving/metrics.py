@@ -24,6 +24,9 @@ OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "error")
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
+# (model_uri, model_version) label pairs this process has served (kept across reloads)
+_SERVED: set[tuple[str, str]] = globals().get("_SERVED", set())
+
 
 def _get_or_create(kind: type[M], name: str, documentation: str,
                    registry: CollectorRegistry = REGISTRY, **kwargs: object) -> M:
@@ -104,11 +107,13 @@ class KronosMetrics:
 
     # -- model state -----------------------------------------------------------------------
 
-    def serving(self, model_uri: str, version: str, previous: tuple[str, str] | None) -> None:
-        """Mark `version` as the served model (and the previous one as no longer served)."""
-        if previous is not None and previous != (model_uri, version):
-            self.model_info.labels(*previous).set(0)
-        self.model_info.labels(model_uri, version).set(1)
+    def serving(self, model_uri: str, version: str) -> None:
+        """Mark `version` as the served model and every model served before as not."""
+        current = (model_uri, version)
+        for labels in _SERVED - {current}:
+            self.model_info.labels(*labels).set(0)
+        _SERVED.add(current)
+        self.model_info.labels(*current).set(1)
         self.model_version.set(float(version) if version.isdigit() else 0)
 
     def outcome(self, outcome: str, version: str) -> None:

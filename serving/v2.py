@@ -74,7 +74,7 @@ def response(model_name: str, frame: pd.DataFrame, parameters: dict[str, Any],
     frame = frame.copy()
     if TIMESTAMP in frame.columns:
         frame[TIMESTAMP] = [t.isoformat() for t in pd.DatetimeIndex(frame[TIMESTAMP])]
-    result = PandasCodec.encode_response(model_name, frame, use_bytes=False)
+    result = PandasCodec.encode_response(model_name, frame)  # BYTES as bytes (gRPC needs them)
     for output in result.outputs:
         if output.name == TIMESTAMP:
             output.parameters = Parameters(content_type="datetime")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_candles
+from serving_helpers import history
 
 from model_package import KronosForecaster, SamplingParams
 from serving.batcher import (
@@ -45,11 +45,6 @@ class Recorder:
 def forecaster(tiny_checkpoints: tuple[Path, Path]) -> KronosForecaster:
     tokenizer_dir, model_dir = tiny_checkpoints
     return KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=64, device="cpu")
-
-
-def history(ids: list[str], seed: int, length: int = 40) -> pd.DataFrame:
-    return pd.concat([make_candles(length + i, seed=seed + i, series_id=sid)
-                      for i, sid in enumerate(ids)], ignore_index=True)
 
 
 def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):

@@ -1,0 +1,291 @@
+"""`KronosRuntime`: the thin MLServer adapter around our batcher and the Kronos pyfunc.
+
+MLServer does the transport (V2 REST + gRPC, metrics port, model repository); this
+module decodes requests, validates them with the pyfunc's own `prepare_request`, hands
+them to `SeriesBatcher` and maps the outcome to a V2 response or an MLServer error.
+
+MLServer's adaptive batcher concatenates requests row-wise and corrupts forecasts (see
+serving-notes.md), so `max_batch_size` / `max_batch_time` from model-settings.json are
+taken over for our series-aware batcher and MLServer's own is switched off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+from fastapi import Depends, Request, Response
+from mlserver.errors import MLServerError
+from mlserver.handlers import custom_handler
+from mlserver.model import MLModel
+from mlserver.settings import ModelParameters
+from mlserver.settings import ModelSettings as MLServerModelSettings
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
+
+from model_package import KronosInputError
+from model_package.pyfunc import prepare_request
+
+from . import mlserver_patches
+from .batcher import (
+    BatcherClosedError,
+    BatcherConfig,
+    DeadlineExceededError,
+    OverloadedError,
+    SeriesBatcher,
+)
+from .errors import (
+    BadForecastInputError,
+    ForecastFailedError,
+    ForecastTimeoutError,
+    ModelNotReadyError,
+    ServerOverloadedError,
+)
+from .loader import LoadedModel, load_model, resolve_uri
+from .metrics import KronosMetrics, rss_bytes
+from .settings import ServingSettings
+from .v2 import pop_timeout, request_frame, request_params, response
+from .warmup import warmup_history
+
+logger = logging.getLogger("kronos.serving")
+
+BATCH_SERIES_KEY = "kronos_max_batch_series"
+BATCH_TIME_KEY = "kronos_max_batch_time_s"
+DEFAULT_BATCH_SERIES = 64
+DEFAULT_BATCH_TIME_S = 0.05
+UNLOAD_GRACE_S = 1.0  # an unloaded model still takes requests routed to it this long
+# MLServer importlib.reload()s this module on every (re)load, which re-runs this code in the
+# same module namespace: keep these two sets across reloads.
+_background: set[asyncio.Task] = globals().get("_background", set())  # drains (strong refs)
+_serving: set[KronosRuntime] = globals().get("_serving", set())  # loaded runtime instances
+
+
+def claim_batching(settings: MLServerModelSettings) -> tuple[int, float]:
+    """Take `max_batch_size` (series) and `max_batch_time` (s) for our batcher and switch
+    MLServer's adaptive batcher off (it only activates for max_batch_size > 1).
+
+    The values are moved into `parameters.extra` because MLServer sends these settings
+    to its worker process, where this runs again and must still find them.
+    """
+    if settings.parameters is None:
+        settings.parameters = ModelParameters()
+    extra = settings.parameters.extra if settings.parameters.extra is not None else {}
+    series = settings.max_batch_size if settings.max_batch_size > 0 else int(
+        extra.get(BATCH_SERIES_KEY, DEFAULT_BATCH_SERIES))
+    seconds = settings.max_batch_time if settings.max_batch_time > 0 else float(
+        extra.get(BATCH_TIME_KEY, DEFAULT_BATCH_TIME_S))
+    settings.parameters.extra = {**extra, BATCH_SERIES_KEY: series, BATCH_TIME_KEY: seconds}
+    settings.max_batch_size, settings.max_batch_time = 0, 0.0
+    return series, seconds
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()
+
+
+class KronosRuntime(MLModel):
+    """Serves `KRONOS_MODEL_URI` (an MLflow Kronos pyfunc) with series-aware batching."""
+
+    def __init__(self, settings: MLServerModelSettings) -> None:
+        mlserver_patches.apply(ServingSettings().retry_after_s)  # main process: REST/gRPC
+        self.batch_series, self.batch_time_s = claim_batching(settings)
+        super().__init__(settings)
+        self._loaded: LoadedModel | None = None
+        self._batcher: SeriesBatcher | None = None
+        self._poller: asyncio.Task | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> bool:
+        """Resolve the alias, load the pyfunc, warm up, then report ready."""
+        self.config = ServingSettings()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        self.metrics = KronosMetrics()
+        self.metrics.queue_capacity.set(self.config.queue_capacity_series)
+        self._batcher = SeriesBatcher(
+            BatcherConfig(self.batch_series, self.batch_time_s,
+                          self.config.queue_capacity_series, self.config.retry_after_s),
+            self.metrics)
+        self._batcher.start()
+        try:
+            loaded = await self._load(self.config.model_uri)
+        except Exception:
+            logger.exception("could not load %s", self.config.model_uri)
+            await self._batcher.drain_and_stop(0)
+            self._batcher = None
+            raise
+        self._serve(loaded)
+        if self.config.alias_poll_s > 0 and loaded.source.alias is not None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_alias())
+        _serving.add(self)
+        self.metrics.ready.set(1)
+        self.metrics.last_progress.set(time.time())
+        self.metrics.resident_memory.set(rss_bytes())
+        return True
+
+    async def _load(self, uri: str) -> LoadedModel:
+        source = await asyncio.to_thread(resolve_uri, uri)
+        logger.info("loading %s as %s", uri, source.load_uri)
+        loaded = await asyncio.to_thread(load_model, source)
+        if self.config.warmup:
+            request = prepare_request(loaded.forecaster, warmup_history(),
+                                      {"pred_len": 2, "top_k": 1}, loaded.settings)
+            assert self._batcher is not None
+            await self._batcher.submit(loaded.forecaster, request, self.config.default_deadline_s)
+        return loaded
+
+    def _serve(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded  # requests prepared earlier keep their own forecaster
+        self.metrics.serving(loaded.source.requested, loaded.version)
+        logger.info("serving %s version %s", loaded.source.requested, loaded.version)
+
+    async def _poll_alias(self) -> None:
+        """Swap to the alias' new version whenever it moves (KRONOS_ALIAS_POLL_S)."""
+        while True:
+            await asyncio.sleep(self.config.alias_poll_s)
+            current = self._loaded
+            try:
+                source = await asyncio.to_thread(resolve_uri, self.config.model_uri)
+                if current is not None and source.version != current.version:
+                    self._serve(await self._load(self.config.model_uri))
+            except Exception:  # keep serving the current version
+                logger.exception("alias poll of %s failed", self.config.model_uri)
+
+    async def unload(self) -> bool:
+        """Stop polling; queued and running requests finish in the background."""
+        _serving.discard(self)
+        if self._loaded is not None:
+            self.metrics.ready.set(1 if _serving else 0)  # a reload's new instance is ready
+        if self._poller is not None:
+            self._poller.cancel()
+        if self._batcher is not None:
+            task = asyncio.get_running_loop().create_task(self._drain(self._batcher))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        return True
+
+    async def _drain(self, batcher: SeriesBatcher) -> None:
+        await asyncio.sleep(UNLOAD_GRACE_S)
+        await batcher.drain_and_stop(self.config.default_deadline_s)
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        """One V2 request: decode, validate, batch, encode."""
+        loaded = self._loaded
+        frame, params = await self._forecast(
+            lambda: (request_frame(payload), request_params(payload)), loaded)
+        assert loaded is not None
+        return response(self.name, frame, self._response_parameters(loaded), payload.id)
+
+    async def _forecast(self, decode: Any, loaded: LoadedModel | None
+                        ) -> tuple[pd.DataFrame, LoadedModel]:
+        """Run one request through the batcher, counting its outcome; MLServer errors out."""
+        if loaded is None or self._batcher is None:
+            raise ModelNotReadyError("model is not loaded yet")
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            history, params = decode()
+            deadline_s = pop_timeout(params, self.config.default_deadline_s)
+            if len(history) > self.config.max_request_rows:
+                raise KronosInputError("inputs", f"must have <= {self.config.max_request_rows} "
+                                                 f"rows (max_request_rows), got {len(history)}")
+            request = await asyncio.to_thread(prepare_request, loaded.forecaster, history,
+                                              params, loaded.settings)
+            capacity = self.config.queue_capacity_series
+            if len(request.series) > capacity:
+                raise KronosInputError("series_id", f"must have <= {capacity} series on this "
+                                                    f"server (queue_capacity_series), got "
+                                                    f"{len(request.series)}")
+            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s)
+            outcome = "ok"
+            return forecast.frame, loaded
+        except KronosInputError as exc:
+            outcome = "invalid"
+            raise BadForecastInputError(str(exc)) from exc
+        except OverloadedError as exc:
+            outcome = "overloaded"
+            raise ServerOverloadedError(str(exc)) from exc
+        except DeadlineExceededError as exc:
+            outcome = "timeout"
+            raise ForecastTimeoutError(str(exc)) from exc
+        except BatcherClosedError as exc:
+            raise ModelNotReadyError(str(exc)) from exc
+        except MLServerError:
+            raise
+        except Exception as exc:
+            logger.exception("forecast failed")
+            raise ForecastFailedError(f"forecast failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.metrics.outcome(outcome, loaded.version)
+            self.metrics.request_seconds.observe(time.perf_counter() - started)
+
+    def _response_parameters(self, loaded: LoadedModel) -> dict[str, Any]:
+        return {"model_uri": loaded.source.requested, "model_version": loaded.version}
+
+    async def metadata(self) -> MetadataModelResponse:
+        """MLServer's metadata plus the served registry version and the batch shape."""
+        meta = await super().metadata()
+        loaded = self._loaded
+        if loaded is not None:
+            meta.versions = [loaded.version]
+            meta.parameters = Parameters(
+                content_type="pd", **self._response_parameters(loaded),
+                max_batch_size=self.batch_series, max_batch_time=self.batch_time_s,
+                max_context=loaded.forecaster.max_context)
+        meta.platform = "kronos-mlflow-pyfunc"
+        return meta
+
+    # -- extra REST routes -----------------------------------------------------------------
+
+    @custom_handler(rest_path="/invocations", rest_method="POST")
+    async def invocations(self, raw_body: bytes = Depends(_raw_body)) -> Response:
+        """The MLflow scoring protocol: `{"dataframe_split"|"dataframe_records": ...,
+        "params": {...}}` -> `{"predictions": [...]}`; same batching and errors as V2."""
+        frame, loaded = await self._forecast(lambda: _mlflow_request(raw_body), self._loaded)
+        records = json.loads(frame.assign(timestamp=frame["timestamp"].map(
+            lambda t: t.isoformat())).to_json(orient="records", double_precision=15))
+        body = {"predictions": records, **self._response_parameters(loaded)}
+        return Response(content=json.dumps(body), media_type="application/json")
+
+    @custom_handler(rest_path="/kronos/health/live", rest_method="GET")
+    async def live(self) -> dict[str, Any]:
+        """Liveness from inference progress: 503 when a pass made no step for stall_s."""
+        stalled = self._batcher.stalled_for() if self._batcher is not None else 0.0
+        batcher = self._batcher
+        state = {"live": stalled < self.config.stall_s, "stalled_s": round(stalled, 3),
+                 "running": batcher is not None and batcher.pass_started is not None,
+                 "queued_series": batcher.queued_series if batcher is not None else 0,
+                 "model_version": self._loaded.version if self._loaded else None}
+        if not state["live"]:
+            raise ModelNotReadyError(f"no generation progress for {stalled:.0f} s")
+        return state
+
+
+def _mlflow_request(raw_body: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Parse an MLflow scoring-protocol JSON body into (history, params)."""
+    try:
+        body = json.loads(raw_body)
+    except ValueError as exc:
+        raise KronosInputError("body", f"not valid JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise KronosInputError("body", "must be a JSON object")
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise KronosInputError("params", "must be a JSON object")
+    if "dataframe_split" in body:
+        split = body["dataframe_split"]
+        if not isinstance(split, dict) or "columns" not in split or "data" not in split:
+            raise KronosInputError("dataframe_split", "needs 'columns' and 'data'")
+        frame = pd.DataFrame(split["data"], columns=split["columns"])
+    elif "dataframe_records" in body:
+        frame = pd.DataFrame.from_records(body["dataframe_records"])
+    else:
+        raise KronosInputError("body", "needs 'dataframe_split' or 'dataframe_records'")
+    return frame, dict(params)
