@@ -93,6 +93,8 @@ class _Job:
     deadline_s: float
     enqueued: float
     cancelled: bool = False  # read by the worker thread at every step
+    started: float | None = None  # time.monotonic() when its pass began
+    finished: float | None = None  # time.monotonic() when its pass ended
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -150,7 +152,7 @@ class SeriesBatcher:
     # -- submitting ------------------------------------------------------------------------
 
     async def submit(self, forecaster: KronosForecaster, request: PreparedRequest,
-                     deadline_s: float) -> Forecast:
+                     deadline_s: float, timings: dict[str, float] | None = None) -> Forecast:
         """Queue a validated request and wait for its forecast.
 
         Raises OverloadedError at once when the queue has no room for its series, and
@@ -178,6 +180,11 @@ class SeriesBatcher:
                 self._dequeue(job)
             if job.timer is not None:
                 job.timer.cancel()
+            if timings is not None:
+                end = time.monotonic()
+                timings["queue_wait_s"] = (job.started or end) - job.enqueued
+                if job.started is not None:
+                    timings["inference_s"] = (job.finished or end) - job.started
 
     def _expire(self, job: _Job) -> None:
         job.cancelled = True
@@ -219,11 +226,15 @@ class SeriesBatcher:
                 continue
             now = time.monotonic()
             for job in jobs:
+                job.started = now
                 self.observer.waited(now - job.enqueued)
             try:
                 results = await loop.run_in_executor(self._executor, self._run_pass, jobs)
             except Exception as exc:  # noqa: BLE001 - the executor itself failed
                 results = [exc] * len(jobs)
+            finished = time.monotonic()
+            for job in jobs:
+                job.finished = finished
             for job, outcome in zip(jobs, results, strict=True):
                 self._settle(job, outcome)
 

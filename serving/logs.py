@@ -101,10 +101,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, allow_nan=False)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler that always writes to the current `sys.stderr` (looked up at every
+    record), so a replaced stderr (test capture, a reopened log) never leaves it writing to
+    a closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # StreamHandler.__init__ / setStream assign it; the current stderr always wins
+
+
 def configure_json_logging(level: int | str = "INFO", stream: IO[str] | None = None,
                            logger_name: str = ROOT_LOGGER) -> logging.Logger:
     """Send `logger_name` (default `kronos`, parent of the runtime's loggers) to `stream`
-    (default: stderr) as JSON lines, at `level`; return that logger.
+    (default: whatever `sys.stderr` is when a record is written) as JSON lines, at `level`;
+    return that logger.
 
     Idempotent: MLServer re-imports the runtime module on every model (re)load, so this
     may run many times in one process. Our handler is found by name (not by class, which a
@@ -115,7 +130,7 @@ def configure_json_logging(level: int | str = "INFO", stream: IO[str] | None = N
     logger = logging.getLogger(logger_name)
     for handler in [h for h in logger.handlers if h.get_name() == HANDLER_NAME]:
         logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)

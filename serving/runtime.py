@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -46,12 +47,15 @@ from .errors import (
     ServerOverloadedError,
 )
 from .loader import LoadedModel, load_model, resolve_uri
+from .logs import configure_json_logging, log_request, request_id_from
 from .metrics import KronosMetrics, rss_bytes
 from .settings import ServingSettings
 from .v2 import pop_timeout, request_frame, request_params, response
 from .warmup import warmup_history
 
 logger = logging.getLogger("kronos.serving")
+request_logger = logging.getLogger("kronos.serving.requests")
+configure_json_logging(os.environ.get("KRONOS_LOG_LEVEL", "INFO"))  # idempotent (reloads)
 
 BATCH_SERIES_KEY = "kronos_max_batch_series"
 BATCH_TIME_KEY = "kronos_max_batch_time_s"
@@ -178,18 +182,23 @@ class KronosRuntime(MLModel):
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         """One V2 request: decode, validate, batch, encode."""
         loaded = self._loaded
+        headers = payload.parameters.headers if payload.parameters is not None else None
         frame, params = await self._forecast(
-            lambda: (request_frame(payload), request_params(payload)), loaded)
+            lambda: (request_frame(payload), request_params(payload)), loaded,
+            request_id_from(headers))
         assert loaded is not None
         return response(self.name, frame, self._response_parameters(loaded), payload.id)
 
-    async def _forecast(self, decode: Any, loaded: LoadedModel | None
-                        ) -> tuple[pd.DataFrame, LoadedModel]:
+    async def _forecast(self, decode: Any, loaded: LoadedModel | None,
+                        request_id: str | None = None) -> tuple[pd.DataFrame, LoadedModel]:
         """Run one request through the batcher, counting its outcome; MLServer errors out."""
         if loaded is None or self._batcher is None:
             raise ModelNotReadyError("model is not loaded yet")
         started = time.perf_counter()
         outcome = "error"
+        request = None
+        timings: dict[str, float] = {}
+        failure: BaseException | None = None
         try:
             history, params = decode()
             deadline_s = pop_timeout(params, self.config.default_deadline_s)
@@ -203,28 +212,42 @@ class KronosRuntime(MLModel):
                 raise KronosInputError("series_id", f"must have <= {capacity} series on this "
                                                     f"server (queue_capacity_series), got "
                                                     f"{len(request.series)}")
-            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s)
+            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s,
+                                                  timings)
             outcome = "ok"
             return forecast.frame, loaded
         except KronosInputError as exc:
-            outcome = "invalid"
+            outcome, failure = "invalid", exc
             raise BadForecastInputError(str(exc)) from exc
         except OverloadedError as exc:
-            outcome = "overloaded"
+            outcome, failure = "overloaded", exc
             raise ServerOverloadedError(str(exc)) from exc
         except DeadlineExceededError as exc:
-            outcome = "timeout"
+            outcome, failure = "timeout", exc
             raise ForecastTimeoutError(str(exc)) from exc
         except BatcherClosedError as exc:
+            failure = exc
             raise ModelNotReadyError(str(exc)) from exc
-        except MLServerError:
+        except MLServerError as exc:
+            failure = exc
             raise
         except Exception as exc:
+            failure = exc
             logger.exception("forecast failed")
             raise ForecastFailedError(f"forecast failed: {type(exc).__name__}: {exc}") from exc
         finally:
+            total_s = time.perf_counter() - started
             self.metrics.outcome(outcome, loaded.version)
-            self.metrics.request_seconds.observe(time.perf_counter() - started)
+            self.metrics.request_seconds.observe(total_s)
+            log_request(request_logger, request_id=request_id, model_version=loaded.version,
+                        outcome=outcome,
+                        series=len(request.series) if request is not None else None,
+                        horizon=request.params.pred_len if request is not None else None,
+                        sample_count=request.params.sample_count if request is not None
+                        else None,
+                        queue_wait_s=timings.get("queue_wait_s"),
+                        inference_s=timings.get("inference_s"), total_s=total_s,
+                        error=failure)
 
     def _response_parameters(self, loaded: LoadedModel) -> dict[str, Any]:
         return {"model_uri": loaded.source.requested, "model_version": loaded.version}
