@@ -1,0 +1,1 @@
+"""Load tests of the Kronos server: Locust users (`locustfile.py`), payloads, the soak."""
