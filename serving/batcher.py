@@ -151,6 +151,12 @@ class SeriesBatcher:
 
     # -- submitting ------------------------------------------------------------------------
 
+    def reject_if_full(self) -> None:
+        """Refuse at once, before a request is even decoded, when no series fits any more."""
+        capacity = self.config.queue_capacity_series
+        if self._queued_series >= capacity:
+            raise OverloadedError(self._queued_series, capacity, self.config.retry_after_s)
+
     async def submit(self, forecaster: KronosForecaster, request: PreparedRequest,
                      deadline_s: float, timings: dict[str, float] | None = None) -> Forecast:
         """Queue a validated request and wait for its forecast.

@@ -200,6 +200,7 @@ class KronosRuntime(MLModel):
         timings: dict[str, float] = {}
         failure: BaseException | None = None
         try:
+            self._batcher.reject_if_full()  # cheap refusal before decoding under overload
             history, params = decode()
             deadline_s = pop_timeout(params, self.config.default_deadline_s)
             if len(history) > self.config.max_request_rows:

@@ -84,7 +84,14 @@ def test_full_queue_is_refused_at_once(forecaster):
             await batcher.submit(
                 forecaster, forecaster.prepare(history(["c", "d"], 2), SamplingParams(2)), 60)
         assert time.monotonic() - started < 0.5
+        batcher.reject_if_full()  # 2 of 3 series queued: one more still fits
+        third = asyncio.ensure_future(batcher.submit(
+            forecaster, forecaster.prepare(history(["e"], 3), SamplingParams(2)), 60))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError):  # full: refused before any decoding
+            batcher.reject_if_full()
         first.cancel()
+        third.cancel()
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
