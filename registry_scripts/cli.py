@@ -1,0 +1,256 @@
+"""`kronos-registry`: log, evaluate, promote, roll back and inspect Kronos model versions.
+
+Registry: $MLFLOW_TRACKING_URI (default: the project's sqlite file .state/mlflow/mlflow.db,
+shared with `make serve`); registered model: --name or $KRONOS_REGISTERED_MODEL (`kronos`).
+
+Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 gate refused, 4 registry unreachable,
+5 not found (unknown model/alias/version, no earlier champion to roll back to, or a
+checkpoint that cannot be resolved), 6 bad data file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from . import errors
+from .errors import CliError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _flag(text: str) -> bool:
+    """A flag that may also be spelled `--flag true|false` (MLproject passes values)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _text(value: str) -> str | None:
+    """An optional string where "" means not given (MLproject defaults)."""
+    return value or None
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    parser.add_argument(name, nargs="?", const=True, default=False, type=_flag, metavar="BOOL", help=help_text)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_log(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("log", parents=[common], help="register a checkpoint as a new version (alias challenger)")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="hub id or directory (same as --model)")
+    p.add_argument("--model", type=_text,
+                   help="predictor hub id or local checkpoint dir (default NeoQuasar/Kronos-small)")
+    p.add_argument("--tokenizer", type=_text, help="tokenizer hub id or dir (default: the model's published tokenizer)")
+    p.add_argument("--revision", type=_text, help="hub revision of the model")
+    p.add_argument("--tokenizer-revision", type=_text, help="hub revision of the tokenizer")
+    p.add_argument("--max-context", type=_positive, help="context length (default: the checkpoint's)")
+    _add_flag(p, "--demo", "RANDOM small weights, tagged kronos.demo=true")
+    p.add_argument("--demo-seed", type=int, default=0, help="seed of the demo weights")
+    _add_flag(p, "--if-no-champion", "do nothing when a champion exists")
+    _add_flag(p, "--promote", "also make the new version champion (recorded)")
+    p.add_argument("--reason", type=_text, help="reason recorded with --promote")
+    p.set_defaults(handler=_run_log)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("evaluate", parents=[common], help="rolling-origin backtest vs persistence")
+    p.add_argument("refs", nargs="*", metavar="VERSION",
+                   help="versions or aliases (default: challenger and champion, those that exist)")
+    p.add_argument("--versions", type=_text, help="the same as a space- or comma-separated list")
+    p.add_argument("--data", type=_text, help="long-format CSV or Parquet (default: daily S&P 500 from arch)")
+    p.add_argument("--index", default="SP500", choices=["SP500", "NASDAQ"], help="arch index when no --data")
+    p.add_argument("--windows", type=_positive, default=6, help="windows per series (default 6)")
+    p.add_argument("--context", type=_positive, default=128, help="history candles per window (default 128)")
+    p.add_argument("--horizon", type=_positive, default=10, help="forecast candles per window (default 10)")
+    p.add_argument("--step", type=_positive, help="candles between origins (default: horizon)")
+    p.add_argument("--samples", type=_positive, default=8, help="sample paths per window (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--band", type=float, nargs=2, default=(0.1, 0.9), metavar=("LOW", "HIGH"),
+                   help="quantile band for coverage (default 0.1 0.9)")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("promote", parents=[common], help="move champion to a version if the gate passes")
+    p.add_argument("ref", nargs="?", metavar="VERSION", help="version or alias (default challenger)")
+    p.add_argument("--version", dest="version_opt", metavar="N", help="same as VERSION")
+    p.add_argument("--max-mase", type=float, default=1.0, help="candidate MASE must be below (default 1)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="allowed relative MASE loss vs champion (default 0.02)")
+    _add_flag(p, "--force", "skip the gate (needs --reason)")
+    p.add_argument("--reason", type=_text, help="why (recorded in the event log)")
+    p.set_defaults(handler=_run_promote)
+
+
+def _add_rollback(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("rollback", parents=[common], help="move champion back one promotion")
+    p.add_argument("--to-version", type=_text, metavar="N", help="roll back to this version instead")
+    p.add_argument("--reason", type=_text, help="why (recorded in the event log)")
+    p.set_defaults(handler=_run_rollback)
+
+
+def _add_history(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    for command in ("history", "show"):
+        p = sub.add_parser(command, parents=[common], help="versions, aliases, metrics and events")
+        p.add_argument("ref", nargs="?", metavar="VERSION", help="show one version's tags in detail")
+        p.set_defaults(handler=_run_history)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", help="registered model name (default $KRONOS_REGISTERED_MODEL or kronos)")
+    parser = argparse.ArgumentParser(prog="kronos-registry", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_log, _add_evaluate, _add_promote, _add_rollback, _add_history):
+        add(sub, common)
+    return parser
+
+
+# -- handlers (imports are local: `history` should not pay for torch) ------------------------
+
+def _run_log(args: argparse.Namespace) -> int:
+    from .log_version import LogRequest, log_version
+    from .registry import connect
+
+    if args.model_arg and args.model:
+        raise CliError("give the model once: MODEL or --model", errors.USAGE)
+    if args.demo and (args.model_arg or args.model or args.tokenizer):
+        raise CliError("--demo makes its own weights; drop MODEL/--model/--tokenizer", errors.USAGE)
+    request = LogRequest(args.model_arg or args.model, args.tokenizer, args.demo, args.demo_seed,
+                         args.revision, args.tokenizer_revision, args.max_context,
+                         args.if_no_champion, args.promote, args.reason)
+    log_version(connect(args.name), request)
+    return errors.OK
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_candles
+    from .errors import NotFoundError
+    from .registry import CHALLENGER, CHAMPION, connect
+
+    low, high = args.band
+    if not 0 < low < high < 1:
+        raise CliError(f"--band needs 0 < LOW < HIGH < 1, got {low} {high}", errors.USAGE)
+    registry = connect(args.name)
+    registry.require_model()
+    candles, data = load_candles(args.data, args.index)  # a bad file fails before any model loads
+    refs = list(args.refs) + (args.versions or "").replace(",", " ").split()
+    refs = refs or [a for a in (CHALLENGER, CHAMPION) if registry.alias_version(a) is not None]
+    if not refs:
+        raise NotFoundError(f"model {registry.model_name!r} has neither {CHALLENGER} nor {CHAMPION}; name versions")
+    versions = {}
+    for ref in refs:
+        version = registry.resolve(ref)
+        versions.setdefault(str(version.version), version)
+
+    from .backtest import BacktestSpec
+    from .evaluate import evaluate, format_results
+
+    spec = BacktestSpec(args.windows, args.context, args.horizon, args.step, args.samples, args.seed,
+                        (low, high))
+    results = evaluate(registry, list(versions.values()), candles, data, spec)
+    print(f"evaluated on {data}: {spec.describe()}")
+    print(format_results(results))
+    return errors.OK
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from .gate import GatePolicy
+    from .promote import promote
+    from .registry import CHALLENGER, connect
+
+    if args.ref and args.version_opt:
+        raise CliError("give the version once: VERSION or --version", errors.USAGE)
+    promote(connect(args.name), args.version_opt or args.ref or CHALLENGER,
+            GatePolicy(args.max_mase, args.tolerance), args.force, args.reason)
+    return errors.OK
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    from .promote import rollback
+    from .registry import connect
+
+    rollback(connect(args.name), args.to_version, args.reason)
+    return errors.OK
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    from .history import history
+    from .registry import connect
+
+    print(history(connect(args.name), args.ref))
+    return errors.OK
+
+
+# -- errors -> one line + exit code --------------------------------------------------------------
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message for an exception escaping a handler."""
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    text = " ".join(str(exc).split())[:300] or type(exc).__name__
+    if type(exc).__name__ == "CheckpointError":
+        return errors.NOT_FOUND, f"checkpoint not usable: {text}"
+    if isinstance(exc, requests.ConnectionError | requests.Timeout | ConnectionError):
+        return errors.UNREACHABLE, f"registry unreachable: {text}"
+    if type(exc).__name__ == "OperationalError" or "could not connect" in text.lower():
+        return errors.UNREACHABLE, f"registry unreachable: {text}"
+    if isinstance(exc, MlflowException):
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return errors.NOT_FOUND, f"not found: {text}"
+        if "max retries exceeded" in text.lower() or "connection" in text.lower():
+            return errors.UNREACHABLE, f"registry unreachable: {text}"
+    return errors.UNEXPECTED, f"unexpected {type(exc).__name__}: {text} (KRONOS_REGISTRY_DEBUG=1 for a traceback)"
+
+
+def _quiet() -> None:
+    """Keep stderr for our messages: MLflow's INFO chatter and library warnings off."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `kronos-registry` and `python -m registry_scripts`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("KRONOS_REGISTRY_DEBUG") == "1"
+    if not debug:
+        _quiet()
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("kronos-registry: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        code, message = classify(exc)
+        print(f"kronos-registry {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
