@@ -385,6 +385,8 @@ class _FastGenerator:
         W, Lmax, model, packed = self.W, self.Lmax, self.model, self.packed
         series = sorted({int(b) for b in self.rows.series[rows]})
         generated = col + 1 - Lmax
+        if generated and self._layout(rows, series).slots_per_series == 1:
+            return self._recompute_windows(rows, series, col)
         Lh = max(W - generated, 0)  # history tokens still in the window
         H, hd = model.config.n_heads, model.config.d_model // model.config.n_heads
         if Lh:
@@ -416,6 +418,21 @@ class _FastGenerator:
             h_last = h_hist[layout.series_slot, -1]
         self.stats.full_window_passes += 1
         return _Group(rows, series, layout, [dep_kv], h_last)
+
+    def _recompute_windows(self, rows: torch.Tensor, series: list[int], col: int) -> _Group:
+        """Sliding rows of single-path series: nothing to share, so each window ending at
+        global column `col` is one causal pass of W tokens (upstream's own step)."""
+        layout = self._layout(rows, series)
+        dev_rows = rows.to(self.device)
+        window = slice(col + 1 - self.W, col + 1)
+        x = self.model.embed(self.tok1[dev_rows, window], self.tok2[dev_rows, window],
+                             self.stamps[self.row_series[dev_rows], window])  # [n, W, d]
+        h = self.model.trunk(x, torch.arange(self.W, device=self.device))  # [n, W, d]
+        dep_k, dep_v = self.model.dependency_keys_values(h)  # [n, 4, W, hd], row order
+        prefix_k, prefix_v = torch.empty_like(dep_k), torch.empty_like(dep_v)
+        prefix_k[layout.device_slot], prefix_v[layout.device_slot] = dep_k, dep_v  # slot order
+        self.stats.full_window_passes += 1
+        return _Group(rows, series, layout, [SharedPrefixKV(prefix_k, prefix_v, len(rows), 0)], h[:, -1])
 
     # -- main loop -------------------------------------------------------------------------
 
