@@ -22,7 +22,7 @@ from integration_helpers import Stack
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import MODEL_NAME, history, v2_request
+from serving_helpers import MODEL_NAME, grpc_request, history, v2_request
 
 from serving.monitoring.metric_names import model_server_metric_names
 
@@ -51,32 +51,6 @@ class Traffic:
     grpc_header_id: str | None
     grpc_parameters: dict[str, str | int]
     grpc_frame: pd.DataFrame
-
-
-def grpc_request(frame: pd.DataFrame, params: dict[str, str | int]) -> pb.ModelInferRequest:
-    """A V2 ModelInferRequest in the pandas codec: BYTES as UTF-8 bytes, floats as strings."""
-    request = pb.ModelInferRequest(model_name=MODEL_NAME)
-    request.parameters["content_type"].string_param = "pd"
-    for name, value in params.items():
-        if isinstance(value, int):
-            request.parameters[name].int64_param = value
-        else:
-            request.parameters[name].string_param = value
-    for column in frame.columns:
-        tensor = request.inputs.add(name=column, shape=[len(frame), 1])
-        if column == "timestamp":
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "datetime"
-            tensor.contents.bytes_contents.extend(
-                t.isoformat().encode() for t in pd.DatetimeIndex(frame[column]))
-        elif frame[column].dtype == object:
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "str"
-            tensor.contents.bytes_contents.extend(str(v).encode() for v in frame[column])
-        else:
-            tensor.datatype = "FP64"
-            tensor.contents.fp64_contents.extend(frame[column].astype(float).tolist())
-    return request
 
 
 def grpc_frame(reply: pb.ModelInferResponse) -> pd.DataFrame:

@@ -157,12 +157,10 @@ def start_server(workdir: Path, tracking_uri: str, env: dict[str, str] | None = 
     raise RuntimeError(f"mlserver not ready after {START_TIMEOUT_S} s:\n{server.logs()}")
 
 
-def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int | bool],
-               timeout_s: float = 120) -> pd.DataFrame:
-    """One ModelInfer call (BYTES as UTF-8, params as gRPC's bool/int64/string)."""
-    import grpc
+def grpc_request(frame: pd.DataFrame, params: dict[str, str | int | bool]):
+    """A V2 ModelInferRequest in the pandas codec: BYTES as UTF-8 bytes, params as gRPC's
+    bool/int64/string (floats go as strings)."""
     from mlserver.grpc import dataplane_pb2 as pb
-    from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 
     request = pb.ModelInferRequest(model_name=MODEL_NAME)
     request.parameters["content_type"].string_param = "pd"
@@ -187,6 +185,16 @@ def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int 
         else:
             tensor.datatype = "FP64"
             tensor.contents.fp64_contents.extend(frame[column].astype(float).tolist())
+    return request
+
+
+def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int | bool],
+               timeout_s: float = 120) -> pd.DataFrame:
+    """One ModelInfer call (BYTES as UTF-8, params as gRPC's bool/int64/string)."""
+    import grpc
+    from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
+
+    request = grpc_request(frame, params)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout_s)
     columns = {}
