@@ -76,11 +76,6 @@ class PackedKronos:
     dep_heads: int
     signature: tuple
 
-    def nbytes(self) -> int:
-        tensors = [t for b in self.blocks for t in vars(b).values()]
-        tensors += [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     # -- trunk ------------------------------------------------------------------------------
 
     def trunk(self, x: torch.Tensor, positions: torch.Tensor, rotary: torch.nn.Module,

@@ -385,7 +385,7 @@ class _FastGenerator:
         W, Lmax, model, packed = self.W, self.Lmax, self.model, self.packed
         series = sorted({int(b) for b in self.rows.series[rows]})
         generated = col + 1 - Lmax
-        if generated and self._layout(rows, series).slots_per_series == 1:
+        if generated and all(self.series[b].sample_count == 1 for b in series):
             return self._recompute_windows(rows, series, col)
         Lh = max(W - generated, 0)  # history tokens still in the window
         H, hd = model.config.n_heads, model.config.d_model // model.config.n_heads

@@ -90,14 +90,6 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop every row not listed in `rows` (indices into the current batch)."""
-        self.k = self.k.index_select(0, rows)
-        self.v = self.v.index_select(0, rows)
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions; biased q/k/v/out projections."""
