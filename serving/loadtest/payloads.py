@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from serving.grpc_request import infer_request
+
 MODEL_NAME = "kronos"
 INDEXES = ("SP500", "NASDAQ")
 _INDEX_FILES = {"SP500": ("sp500", "sp500.csv.gz"), "NASDAQ": ("nasdaq", "nasdaq.csv.gz")}
@@ -153,30 +155,7 @@ def grpc_params(params: Params) -> dict[str, bool | int | str]:
 
 def grpc_request(spec: Spec, model_name: str = MODEL_NAME) -> Any:
     """A `ModelInferRequest` (BYTES as UTF-8, FP64 contents, string-typed float params)."""
-    from mlserver.grpc import dataplane_pb2 as pb
-
-    frame = spec.history
-    n = len(frame)
-    request = pb.ModelInferRequest(model_name=model_name)
-    request.parameters["content_type"].string_param = "pd"
-    for name, value in grpc_params(spec.params).items():
-        if isinstance(value, bool):
-            request.parameters[name].bool_param = value
-        elif isinstance(value, int):
-            request.parameters[name].int64_param = value
-        else:
-            request.parameters[name].string_param = value
-    ids = request.inputs.add(name="series_id", datatype="BYTES", shape=[n, 1])
-    ids.parameters["content_type"].string_param = "str"
-    ids.contents.bytes_contents.extend(s.encode() for s in frame["series_id"])
-    stamps = request.inputs.add(name="timestamp", datatype="BYTES", shape=[n, 1])
-    stamps.parameters["content_type"].string_param = "datetime"
-    stamps.contents.bytes_contents.extend(
-        t.isoformat().encode() for t in pd.DatetimeIndex(frame["timestamp"]))
-    for column in frame.columns[2:]:
-        tensor = request.inputs.add(name=column, datatype="FP64", shape=[n, 1])
-        tensor.contents.fp64_contents.extend(frame[column].astype(float).tolist())
-    return request
+    return infer_request(spec.history, grpc_params(spec.params), model_name)
 
 
 def expected_rows(spec: Spec) -> int:

@@ -158,34 +158,10 @@ def start_server(workdir: Path, tracking_uri: str, env: dict[str, str] | None = 
 
 
 def grpc_request(frame: pd.DataFrame, params: dict[str, str | int | bool]):
-    """A V2 ModelInferRequest in the pandas codec: BYTES as UTF-8 bytes, params as gRPC's
-    bool/int64/string (floats go as strings)."""
-    from mlserver.grpc import dataplane_pb2 as pb
+    """A V2 ModelInferRequest for the served model (floats in `params` as strings)."""
+    from serving.grpc_request import infer_request
 
-    request = pb.ModelInferRequest(model_name=MODEL_NAME)
-    request.parameters["content_type"].string_param = "pd"
-    for name, value in params.items():
-        if isinstance(value, bool):
-            request.parameters[name].bool_param = value
-        elif isinstance(value, int):
-            request.parameters[name].int64_param = value
-        else:
-            request.parameters[name].string_param = value
-    for column in frame.columns:
-        tensor = request.inputs.add(name=column, shape=[len(frame), 1])
-        if column == "timestamp":
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "datetime"
-            tensor.contents.bytes_contents.extend(
-                t.isoformat().encode() for t in pd.DatetimeIndex(frame[column]))
-        elif frame[column].dtype == object:
-            tensor.datatype = "BYTES"
-            tensor.parameters["content_type"].string_param = "str"
-            tensor.contents.bytes_contents.extend(str(v).encode() for v in frame[column])
-        else:
-            tensor.datatype = "FP64"
-            tensor.contents.fp64_contents.extend(frame[column].astype(float).tolist())
-    return request
+    return infer_request(frame, params, MODEL_NAME)
 
 
 def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int | bool],
