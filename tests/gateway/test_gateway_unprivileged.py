@@ -54,14 +54,20 @@ def _uids_of_children(pid: int) -> list[int]:
     return uids
 
 
+def _let_others_traverse(path: Path) -> None:
+    """Add the search (x) bit for others on every parent of `path` that lacks it."""
+    for parent in path.parents:
+        if parent != Path("/") and not parent.stat().st_mode & 0o001:
+            os.chmod(parent, parent.stat().st_mode | 0o001)
+
+
 def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
     prefix = tmp_path / "gateway"
     prefix.mkdir()
     os.chmod(tmp_path, 0o755)  # nobody must reach the prefix (pytest's tmp is private)
-    for parent in tmp_path.parents:
-        if parent == Path("/") or parent.stat().st_mode & 0o001:
-            continue
-        os.chmod(parent, parent.stat().st_mode | 0o001)
+    # ... and the scripts and the venv, wherever the checkout lies (mktemp dirs are 0700)
+    for path in (tmp_path, GATEWAY_DIR, Path(sys.prefix)):
+        _let_others_traverse(path)
     if os.geteuid() == 0:
         os.chown(prefix, 65534, 65534)
     http_port, grpc_port, status_port = free_port(), free_port(), free_port()
