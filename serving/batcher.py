@@ -1,22 +1,26 @@
-"""Series-aware micro-batching: many requests, one generation pass, each its own result.
+"""Series-aware continuous batching: many requests, shared generation steps, each its own result.
 
 Requests are validated (`KronosForecaster.prepare`) before they get here, so a bad request
-never reaches a pass. The batcher collects queued requests for at most `max_batch_time_s`
-after the oldest arrived and up to `max_batch_series` series, concatenates their
-`SeriesInput`s, runs one `generate` in a worker thread and splits the outputs back by
-position. No series ids are involved, so two requests with the same `series_id` (or
-different horizons and sampling settings) cannot mix.
+never reaches the worker. When the worker is idle, the batcher collects queued requests for
+at most `max_batch_time_s` after the oldest arrived and up to `max_batch_series` series and
+hands them over as one cohort (`serving.cohort`). While the worker runs, newly queued
+requests are handed over at once and join at its next step, as long as the running series
+leave room under `max_batch_series`; every cohort is answered as soon as it is done.
+Outputs are split back by position, never by series id, so two requests with the same
+`series_id` (or different horizons and sampling settings) cannot mix.
 
-Each job carries the forecaster it was prepared with; a pass only groups jobs of the same
-forecaster, so a model swap lets queued and running requests finish on the old model.
+Each job carries the forecaster it was prepared with; only cohorts of one model share a
+step, so a model swap lets queued and running requests finish on the old model.
 
-Pure asyncio and our own modules: no MLServer here.
+Pure asyncio, one worker thread and our own modules: no MLServer here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -25,7 +29,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
-from model_package.kronos import SeriesOutput, generate
+
+from .cohort import AbandonedError, Cohort, CohortRunner
+
+logger = logging.getLogger("kronos.serving.batcher")
 
 
 class OverloadedError(Exception):
@@ -55,6 +62,7 @@ class BatchObserver(Protocol):
     def queue_changed(self, series: int) -> None: ...
     def waited(self, seconds: float) -> None: ...
     def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None: ...
+    def stepped(self, series: int) -> None: ...
     def progressed(self, timestamp: float) -> None: ...
 
 
@@ -68,6 +76,9 @@ class NullObserver:
         pass
 
     def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+        pass
+
+    def stepped(self, series: int) -> None:
         pass
 
     def progressed(self, timestamp: float) -> None:
@@ -93,8 +104,8 @@ class _Job:
     deadline_s: float
     enqueued: float
     cancelled: bool = False  # read by the worker thread at every step
-    started: float | None = None  # time.monotonic() when its pass began
-    finished: float | None = None  # time.monotonic() when its pass ended
+    started: float | None = None  # time.monotonic() when it was handed to the worker
+    finished: float | None = None  # time.monotonic() when it was answered
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
@@ -114,9 +125,13 @@ class SeriesBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-gen")
         self._task: asyncio.Task | None = None
         self._closing = False
-        self.pass_started: float | None = None  # time.time() of the running pass, or None
+        self._running_series = 0  # handed to the worker and not answered yet (event loop)
+        self._lock = threading.Lock()  # guards _inbox and _worker_running
+        self._inbox: list[list[_Job]] = []  # cohorts handed over, not started yet
+        self._worker_running = False
+        self.pass_started: float | None = None  # time.time() the worker started, or None
         self.last_progress: float = time.time()
-        self.passes = 0
+        self.passes = 0  # cohorts answered
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -143,8 +158,12 @@ class SeriesBatcher:
     def queued_series(self) -> int:
         return self._queued_series
 
+    @property
+    def running_series(self) -> int:
+        return self._running_series
+
     def stalled_for(self) -> float:
-        """Seconds since the running pass last made progress (0 when idle)."""
+        """Seconds since the worker last made progress (0 when idle)."""
         if self.pass_started is None:
             return 0.0
         return time.time() - max(self.last_progress, self.pass_started)
@@ -215,34 +234,33 @@ class SeriesBatcher:
         else:
             job.future.set_result(outcome)
 
-    # -- the loop --------------------------------------------------------------------------
+    # -- the loop (event loop side) ---------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Hand queued requests to the worker: after a batch window when it is idle, at once
+        (to join at its next step) while it runs, as long as running series leave room."""
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
+            if self._closing and not self._queue and self._running_series == 0:
+                return
+            room = self.config.max_batch_series - self._running_series
+            if not self._queue or room <= 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._collect()
-            jobs = self._take_batch()
+            if self._running_series == 0:
+                await self._collect()
+                room = self.config.max_batch_series
+            jobs = self._take_batch(room, alone_ok=self._running_series == 0)
             if not jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
             now = time.monotonic()
             for job in jobs:
                 job.started = now
                 self.observer.waited(now - job.enqueued)
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_pass, jobs)
-            except Exception as exc:  # noqa: BLE001 - the executor itself failed
-                results = [exc] * len(jobs)
-            finished = time.monotonic()
-            for job in jobs:
-                job.finished = finished
-            for job, outcome in zip(jobs, results, strict=True):
-                self._settle(job, outcome)
+            self._running_series += sum(job.n_series for job in jobs)
+            self._hand_over(jobs)
 
     async def _collect(self) -> None:
         """Wait until the oldest job has waited max_batch_time_s or a batch is full."""
@@ -255,14 +273,15 @@ class SeriesBatcher:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self) -> list[_Job]:
-        """Take the head job plus following jobs of the same forecaster that still fit."""
+    def _take_batch(self, room: int, alone_ok: bool) -> list[_Job]:
+        """Jobs of the head job's forecaster that fit in `room` series, in queue order; the
+        head job alone even when it is larger (`alone_ok`, nothing else running)."""
         if not self._queue:
             return []
         head = self._queue[0]
         jobs, series, kept = [], 0, deque()
         for job in self._queue:
-            fits = not jobs or series + job.n_series <= self.config.max_batch_series
+            fits = series + job.n_series <= room or (alone_ok and not jobs)
             if job.forecaster is head.forecaster and fits:
                 jobs.append(job)
                 series += job.n_series
@@ -272,60 +291,102 @@ class SeriesBatcher:
         self._set_queued(self._queued_series - series)
         return jobs
 
-    # -- the worker thread -----------------------------------------------------------------
+    def _hand_over(self, jobs: list[_Job]) -> None:
+        """Give a cohort to the worker thread, starting the worker when it is not running."""
+        with self._lock:
+            self._inbox.append(jobs)
+            start = not self._worker_running
+            self._worker_running = True
+        if start:
+            self.pass_started = time.time()
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._executor, self._work, loop)
+            future.add_done_callback(self._worker_exited)
 
-    def _run_pass(self, jobs: list[_Job]) -> list[Forecast | BaseException]:
-        """One shared generation pass; if it fails, each request is retried alone so that
-        one request's failure never fails its neighbours."""
-        try:
-            return self._generate(jobs)
-        except Exception as exc:  # noqa: BLE001 - reported per request below
-            if len(jobs) == 1:
-                return [exc]
-        results: list[Forecast | BaseException] = []
-        for job in jobs:
-            try:
-                results.extend(self._generate([job]))
-            except Exception as exc:  # noqa: BLE001
-                results.append(exc)
-        return results
+    def _worker_exited(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.error("batch worker crashed", exc_info=future.exception())
 
-    def _generate(self, jobs: list[_Job]) -> list[Forecast | BaseException]:
-        forecaster = jobs[0].forecaster
-        inputs, owner = [], []  # owner[i] = index of the job that series i belongs to
-        for j, job in enumerate(jobs):
-            inputs.extend(job.request.inputs)
-            owner.extend([j] * job.n_series)
-
-        def on_step(step: int) -> Sequence[int]:
-            self.last_progress = time.time()
-            self.observer.progressed(self.last_progress)
-            now = time.monotonic()
-            return [i for i, j in enumerate(owner)
-                    if jobs[j].cancelled or now >= jobs[j].deadline]
-
-        started = time.perf_counter()
-        self.pass_started = time.time()
-        try:
-            outputs, stats = generate(forecaster.tokenizer, forecaster.model, inputs,
-                                      forecaster.max_context, forecaster.mode, on_step=on_step)
-        finally:
-            self.pass_started = None
-            self.last_progress = time.time()
+    def _complete(self, jobs: list[_Job], results: Sequence[Forecast | BaseException],
+                  seconds: float, candles: int) -> None:
+        """Event loop: answer a finished cohort's requests and free its series."""
+        finished = time.monotonic()
+        for job, outcome in zip(jobs, results, strict=True):
+            job.finished = finished
+            if isinstance(outcome, AbandonedError):
+                outcome = DeadlineExceededError(job.deadline_s)
+            self._settle(job, outcome)
+        self._running_series -= sum(job.n_series for job in jobs)
         self.passes += 1
-        candles = sum(s.sample_count * s.pred_len for s in inputs)
-        self.observer.pass_done(len(inputs), len(jobs), time.perf_counter() - started, candles)
-        forecaster.last_stats = stats
-        return [self._finish(job, outputs, owner, j) for j, job in enumerate(jobs)]
+        self.observer.pass_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
+        self._wakeup.set()
 
-    @staticmethod
-    def _finish(job: _Job, outputs: list[SeriesOutput | None], owner: list[int],
-                j: int) -> Forecast | BaseException:
-        mine = [out for out, o in zip(outputs, owner, strict=True) if o == j]
-        if any(out is None for out in mine):
-            return DeadlineExceededError(job.deadline_s)
+    # -- the worker thread ---------------------------------------------------------------
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: admit cohorts at step boundaries, step all running generations,
+        answer each cohort when it is done; exit when nothing runs and nothing waits."""
+        runner = CohortRunner()
         try:
-            return job.forecaster.finish(job.request, mine)
-        except Exception as exc:  # noqa: BLE001
-            return exc
+            while True:
+                with self._lock:
+                    arrived = list(self._inbox)
+                    self._inbox.clear()
+                    if not arrived and not runner.cohorts:
+                        self._worker_running = False
+                        self.pass_started = None
+                        return
+                failed = []
+                for jobs in _merge_by_forecaster(arrived):
+                    live = [job for job in jobs if not job.cancelled]  # expired while handed over
+                    if len(live) < len(jobs):
+                        gone = [job for job in jobs if job.cancelled]
+                        loop.call_soon_threadsafe(self._complete, gone, [AbandonedError()] * len(gone), 0.0, 0)
+                    if live:
+                        failed += runner.add(self._cohort(live))
+                series = runner.step_series()
+                failed += runner.step()
+                if series:
+                    self.observer.stepped(series)
+                for cohort in failed:
+                    self._answer(loop, cohort, cohort.rerun_alone())
+                for cohort in runner.take_done():
+                    self._answer(loop, cohort, cohort.results())
+        except BaseException as exc:  # a bug in this loop: fail what it holds, never hang
+            with self._lock:
+                stranded = list(self._inbox)
+                self._inbox.clear()
+                self._worker_running = False
+                self.pass_started = None
+            for cohort in runner.cohorts:
+                self._answer(loop, cohort, [exc] * len(cohort.jobs))
+            for jobs in stranded:
+                loop.call_soon_threadsafe(self._complete, jobs, [exc] * len(jobs), 0.0, 0)
+            raise
 
+    def _cohort(self, jobs: list[_Job]) -> Cohort:
+        def stop(j: int) -> bool:
+            return jobs[j].cancelled or time.monotonic() >= jobs[j].deadline
+
+        return Cohort(jobs[0].forecaster, [job.request for job in jobs], stop, self._progressed, jobs)
+
+    def _progressed(self) -> None:
+        self.last_progress = time.time()
+        self.observer.progressed(self.last_progress)
+
+    def _answer(self, loop: asyncio.AbstractEventLoop, cohort: Cohort,
+                results: list[Forecast | BaseException]) -> None:
+        seconds = time.perf_counter() - cohort.started
+        loop.call_soon_threadsafe(self._complete, cohort.jobs, results, seconds, cohort.candles)
+
+
+def _merge_by_forecaster(handed: list[list[_Job]]) -> list[list[_Job]]:
+    """Jobs handed over during one step as few cohorts as possible (fewer, larger cohorts
+    step faster): one per forecaster, with the one-path requests apart from the others
+    because only those can merge into a running generation."""
+    merged: dict[tuple[int, bool], list[_Job]] = {}
+    for jobs in handed:
+        for job in jobs:
+            one_path = job.request.params.sample_count == 1
+            merged.setdefault((id(job.forecaster), one_path), []).append(job)
+    return list(merged.values())

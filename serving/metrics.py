@@ -50,16 +50,20 @@ class KronosMetrics:
             Histogram, "kronos_request_seconds", "End-to-end request time in the runtime (s)",
             r, buckets=SECONDS_BUCKETS)
         self.queue_wait_seconds = _get_or_create(
-            Histogram, "kronos_queue_wait_seconds", "Time a request waited for its pass (s)",
+            Histogram, "kronos_queue_wait_seconds", "Time a request waited before the worker took it (s)",
             r, buckets=SECONDS_BUCKETS)
         self.inference_seconds = _get_or_create(
-            Histogram, "kronos_inference_seconds", "Time of one generation pass (s)", r,
+            Histogram, "kronos_inference_seconds", "Time from a cohort's start to its answer (s)", r,
             buckets=SECONDS_BUCKETS)
         self.batch_series = _get_or_create(
-            Histogram, "kronos_batch_series", "Series per generation pass", r,
+            Histogram, "kronos_batch_series", "Series per cohort (requests admitted together)", r,
+            buckets=SERIES_BUCKETS)
+        self.step_series = _get_or_create(
+            Histogram, "kronos_step_series",
+            "Series sharing one generation step (all running cohorts together)", r,
             buckets=SERIES_BUCKETS)
         self.batch_requests = _get_or_create(
-            Histogram, "kronos_batch_requests", "Requests per generation pass", r,
+            Histogram, "kronos_batch_requests", "Requests per cohort (admitted together)", r,
             buckets=REQUESTS_BUCKETS)
         self.generated_candles = _get_or_create(
             Counter, "kronos_generated_candles_total",
@@ -101,6 +105,9 @@ class KronosMetrics:
         self.batch_requests.observe(requests)
         self.generated_candles.inc(candles)
         self.resident_memory.set(rss_bytes())
+
+    def stepped(self, series: int) -> None:
+        self.step_series.observe(series)
 
     def progressed(self, timestamp: float) -> None:
         self.last_progress.set(timestamp)

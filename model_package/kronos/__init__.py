@@ -12,18 +12,21 @@ from .checkpoint import (
 from .config import ConfigError, KronosConfig, TokenizerConfig
 from .generation import (
     GENERATION_MODES,
+    Generation,
     GenerationStats,
+    Part,
     SeriesInput,
     SeriesOutput,
     generate,
+    step_together,
 )
 from .model import Kronos
 from .presets import PRESETS, Preset, preset_by_name, preset_for_config
 from .tokenizer import KronosTokenizer
 
 __all__ = [
-    "GENERATION_MODES", "PRESETS", "CheckpointError", "ConfigError", "GenerationStats", "Kronos",
-    "KronosConfig", "KronosTokenizer", "Preset", "SeriesInput", "SeriesOutput", "TokenizerConfig",
-    "count_parameters", "generate", "load_model", "load_tokenizer", "preset_by_name",
+    "GENERATION_MODES", "PRESETS", "CheckpointError", "ConfigError", "Generation", "GenerationStats", "Kronos",
+    "KronosConfig", "KronosTokenizer", "Part", "Preset", "SeriesInput", "SeriesOutput", "TokenizerConfig",
+    "count_parameters", "generate", "step_together", "load_model", "load_tokenizer", "preset_by_name",
     "preset_for_config", "resolve_checkpoint", "save_checkpoint", "write_random_checkpoint",
 ]

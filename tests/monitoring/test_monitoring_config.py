@@ -35,7 +35,8 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 # own `up`, and the gateway exporter's series.
 RUNTIME_COUNTERS = {"kronos_requests_total", "kronos_generated_candles_total"}
 RUNTIME_HISTOGRAMS = {"kronos_request_seconds", "kronos_queue_wait_seconds",
-                      "kronos_inference_seconds", "kronos_batch_series", "kronos_batch_requests"}
+                      "kronos_inference_seconds", "kronos_batch_series", "kronos_batch_requests",
+                      "kronos_step_series"}
 RUNTIME_GAUGES = {"kronos_queue_series", "kronos_queue_capacity_series", "kronos_model_info",
                   "kronos_model_version", "kronos_ready",
                   "kronos_last_progress_timestamp_seconds",

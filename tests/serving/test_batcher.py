@@ -27,6 +27,7 @@ class Recorder:
         self.queue: list[int] = []
         self.waits: list[float] = []
         self.steps = 0
+        self.step_series: list[int] = []
 
     def queue_changed(self, series: int) -> None:
         self.queue.append(series)
@@ -36,6 +37,9 @@ class Recorder:
 
     def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
         self.passes.append((series, requests))
+
+    def stepped(self, series: int) -> None:
+        self.step_series.append(series)
 
     def progressed(self, timestamp: float) -> None:
         self.steps += 1
@@ -65,10 +69,51 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
         return [r.frame for r in results]
 
     frames = asyncio.run(main())
-    assert recorder.passes == [(6, 3)]
+    # one-path requests form one cohort, the one with two paths another; all share steps
+    assert sorted(recorder.passes) == [(3, 1), (3, 2)]
+    assert max(recorder.step_series) == 6
     for got, want in zip(frames, expected, strict=True):
         pd.testing.assert_frame_equal(got, want, rtol=1e-5)
     assert recorder.queue[-1] == 0
+
+
+def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
+    """Continuous batching: requests arriving mid-generation join at the next step (one
+    merged into the running generation, one with several paths stepping beside it), share
+    the steps and are answered as soon as they are done."""
+    cases = {
+        "long": (history(["L"], seed=2, length=40), SamplingParams(pred_len=40, top_k=1)),
+        "merged": (history(["A", "L"], seed=3), SamplingParams(pred_len=3, top_k=1)),
+        "paths": (history(["L"], seed=4), SamplingParams(pred_len=5, temperature=0.8,
+                                                         sample_count=3, seed=1)),
+    }
+    expected = {name: forecaster.predict(h, **p.__dict__) for name, (h, p) in cases.items()}
+    recorder = Recorder()
+    answered: list[str] = []
+
+    async def main() -> dict[str, pd.DataFrame]:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=8, max_batch_time_s=0.01),
+                                recorder)
+        batcher.start()
+
+        async def submit(name: str) -> pd.DataFrame:
+            result = await batcher.submit(forecaster, forecaster.prepare(*cases[name]), 60)
+            answered.append(name)
+            return result.frame
+
+        first = asyncio.ensure_future(submit("long"))
+        while recorder.steps < 3:
+            await asyncio.sleep(0.001)
+        frames = await asyncio.gather(first, submit("merged"), submit("paths"))
+        await batcher.drain_and_stop(10)
+        return dict(zip(cases, frames, strict=True))
+
+    frames = asyncio.run(main())
+    assert answered[-1] == "long" and sorted(answered[:2]) == ["merged", "paths"]
+    assert recorder.passes[-1] == (1, 1) and sorted(recorder.passes[:2]) == [(1, 1), (2, 1)]
+    assert max(recorder.step_series) == 4  # 1 + 2 merged + 1 beside: all in one step
+    for name, want in expected.items():
+        pd.testing.assert_frame_equal(frames[name], want, rtol=1e-5)
 
 
 def test_full_queue_is_refused_at_once(forecaster):

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.integration
 KRONOS_METRICS = (
     "kronos_requests_total", "kronos_request_seconds_bucket", "kronos_queue_wait_seconds_bucket",
     "kronos_inference_seconds_bucket", "kronos_batch_series_bucket",
-    "kronos_batch_requests_bucket", "kronos_generated_candles_total", "kronos_queue_series",
+    "kronos_batch_requests_bucket", "kronos_step_series_bucket", "kronos_generated_candles_total",
+    "kronos_queue_series",
     "kronos_queue_capacity_series", "kronos_model_info", "kronos_model_version", "kronos_ready",
     "kronos_last_progress_timestamp_seconds", "kronos_worker_resident_memory_bytes",
 )
@@ -119,9 +120,14 @@ def test_sixteen_concurrent_clients_get_their_own_forecasts(server, serving_regi
     requests = (metric_value(after, "kronos_batch_requests_sum")
                 - metric_value(before, "kronos_batch_requests_sum"))
     assert requests == 16
-    assert passes < 16 and single < passes, (passes, single)  # series shared passes
+    assert passes < 16 and single < passes, (passes, single)  # requests shared cohorts
     assert metric_value(after, "kronos_batch_series_sum") > metric_value(
         before, "kronos_batch_series_sum")
+    steps = (metric_value(after, "kronos_step_series_count")
+             - metric_value(before, "kronos_step_series_count"))
+    lone_steps = (metric_value(after, "kronos_step_series_bucket", le="1.0")
+                  - metric_value(before, "kronos_step_series_bucket", le="1.0"))
+    assert steps > 0 and lone_steps < steps, (steps, lone_steps)  # series shared steps
 
 
 def test_bad_inputs_get_400_and_leave_the_server_healthy(server):
