@@ -1,5 +1,6 @@
 """Kronos in plain PyTorch: tokenizer, predictor, sampling, generation, checkpoints."""
 
+from .cached import Generation, Part, step_together
 from .checkpoint import (
     CheckpointError,
     count_parameters,
@@ -10,18 +11,10 @@ from .checkpoint import (
     write_random_checkpoint,
 )
 from .config import ConfigError, KronosConfig, TokenizerConfig
-from .generation import (
-    GENERATION_MODES,
-    Generation,
-    GenerationStats,
-    Part,
-    SeriesInput,
-    SeriesOutput,
-    generate,
-    step_together,
-)
+from .generation import GENERATION_MODES, generate
 from .model import Kronos
 from .presets import PRESETS, Preset, preset_by_name, preset_for_config
+from .series import GenerationStats, SeriesInput, SeriesOutput
 from .tokenizer import KronosTokenizer
 
 __all__ = [
