@@ -129,7 +129,7 @@ class SeriesBatcher:
         self._lock = threading.Lock()  # guards _inbox and _worker_running
         self._inbox: list[list[_Job]] = []  # cohorts handed over, not started yet
         self._worker_running = False
-        self.pass_started: float | None = None  # time.time() the worker started, or None
+        self.worker_started: float | None = None  # time.time() the worker started, or None
         self.last_progress: float = time.time()
         self.passes = 0  # cohorts answered
 
@@ -164,9 +164,9 @@ class SeriesBatcher:
 
     def stalled_for(self) -> float:
         """Seconds since the worker last made progress (0 when idle)."""
-        if self.pass_started is None:
+        if self.worker_started is None:
             return 0.0
-        return time.time() - max(self.last_progress, self.pass_started)
+        return time.time() - max(self.last_progress, self.worker_started)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ class SeriesBatcher:
             start = not self._worker_running
             self._worker_running = True
         if start:
-            self.pass_started = time.time()
+            self.worker_started = time.time()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._executor, self._work, loop)
             future.add_done_callback(self._worker_exited)
@@ -334,7 +334,7 @@ class SeriesBatcher:
                     self._inbox.clear()
                     if not arrived and not runner.cohorts:
                         self._worker_running = False
-                        self.pass_started = None
+                        self.worker_started = None
                         return
                 failed = []
                 for jobs in _merge_by_forecaster(arrived):
@@ -357,7 +357,7 @@ class SeriesBatcher:
                 stranded = list(self._inbox)
                 self._inbox.clear()
                 self._worker_running = False
-                self.pass_started = None
+                self.worker_started = None
             for cohort in runner.cohorts:
                 self._answer(loop, cohort, [exc] * len(cohort.jobs))
             for jobs in stranded:

@@ -280,11 +280,11 @@ class KronosRuntime(MLModel):
 
     @custom_handler(rest_path="/kronos/health/live", rest_method="GET")
     async def live(self) -> dict[str, Any]:
-        """Liveness from inference progress: 503 when a pass made no step for stall_s."""
+        """Liveness from inference progress: 503 when the worker made no step for stall_s."""
         stalled = self._batcher.stalled_for() if self._batcher is not None else 0.0
         batcher = self._batcher
         state = {"live": stalled < self.config.stall_s, "stalled_s": round(stalled, 3),
-                 "running": batcher is not None and batcher.pass_started is not None,
+                 "running": batcher is not None and batcher.worker_started is not None,
                  "queued_series": batcher.queued_series if batcher is not None else 0,
                  "model_version": self._loaded.version if self._loaded else None}
         if not state["live"]:

@@ -18,7 +18,7 @@ class ServingSettings(BaseSettings):
     model_uri: str = Field("models:/kronos@champion",
                            description="MLflow model URI; an alias is resolved at load")
     queue_capacity_series: int = Field(
-        256, ge=1, description="series allowed to wait for a generation pass; beyond: 503")
+        256, ge=1, description="series allowed to wait for the generation worker; beyond: 503")
     default_deadline_s: float = Field(
         300.0, gt=0, description="per-request deadline; clients may lower it (timeout_s)")
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent with 503 overload")
@@ -26,6 +26,6 @@ class ServingSettings(BaseSettings):
         0.0, ge=0, description="seconds between alias checks; 0 = only on explicit reload")
     warmup: bool = Field(True, description="run one small forecast before reporting ready")
     stall_s: float = Field(
-        120.0, gt=0, description="a pass without a generation step for this long is stuck")
+        120.0, gt=0, description="a running worker without a generation step for this long is stuck")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
     max_request_rows: int = Field(200_000, ge=2, description="history rows per request")

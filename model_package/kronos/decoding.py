@@ -4,9 +4,8 @@ Two facts make per-step generation cheap:
 
 - A step evaluates one new position per row, so every weight matrix is read once to
   multiply a few vectors and the step is bound by memory bandwidth. `PackedKronos` keeps
-  the weights fused (q/k/v in one matrix, w1/w3 in one) and in two layouts (`Dense`):
-  input-major for one to three rows, weight-major for more, whichever CPU products read
-  fastest.
+  the weights fused (q/k/v in one matrix, w1/w3 in one) and in two layouts (`Dense`),
+  using whichever CPU products read fastest for the step's row count.
 - The sample paths of one series share their whole history. `SharedPrefixKV` keeps the
   history's keys/values once per series and only the generated part per path, and
   `shared_prefix_attention` reads each prefix once for all paths of its series.
@@ -26,15 +25,16 @@ import torch.nn.functional as F
 from .layers import apply_rotary, rms_norm
 from .model import Kronos
 
-# From this many rows on, out^T = W [out, in] @ x^T is the faster product on CPU (MKL reads
-# a tall weight against a few columns well; measured 2x faster at 16 rows, slower at 1).
-WEIGHT_MAJOR_FROM_ROWS = 4
+# For this many rows, out^T = W [out, in] @ x^T is the faster product on CPU (MKL reads a
+# tall weight against a few columns well). Measured on the Kronos-small trunk, 2 threads:
+# 2x faster at 16 rows, 1.2x at 256, slower at 1-3 rows and at 380 or more.
+WEIGHT_MAJOR_ROWS = range(4, 257)
 
 
 @dataclass
 class Dense:
-    """A (fused) linear layer kept in both layouts: input-major [in, out] for a few rows,
-    weight-major [out, in] from WEIGHT_MAJOR_FROM_ROWS rows on. Same arithmetic either way
+    """A (fused) linear layer kept in both layouts: weight-major [out, in] for row counts in
+    WEIGHT_MAJOR_ROWS on CPU, input-major [in, out] otherwise. Same arithmetic either way
     (one dot product per output), different memory access."""
 
     input_major: torch.Tensor  # [in, out]
@@ -53,7 +53,7 @@ class Dense:
         """x [..., in] -> [..., out]."""
         flat = x.reshape(-1, x.shape[-1])
         out_features = self.weight_major.shape[0]
-        if flat.shape[0] >= WEIGHT_MAJOR_FROM_ROWS and flat.device.type == "cpu":
+        if flat.shape[0] in WEIGHT_MAJOR_ROWS and flat.device.type == "cpu":
             out = (self.weight_major @ flat.t()).t()
             out = out + self.bias if self.bias is not None else out.contiguous()
         elif self.bias is not None:

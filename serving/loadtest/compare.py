@@ -1,7 +1,7 @@
 """Throughput and latency with batching on vs off (`python -m serving.loadtest.compare`).
 
 Registers demo weights once in a temporary registry, then for each `max_batch_size`
-(default 64 = the shipped setting, and 1 = batching off: one request per generation pass)
+(default 64 = the shipped setting, and 1 = batching off: one series in generation at a time)
 starts MLServer on free ports, runs the locustfile headless with the same users, pauses
 and payload seed, and prints one table: requests, failures, req/s, latency percentiles of
 accepted requests (REST and gRPC together), 503s and peak RSS of the server.
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serving.loadtest.compare",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="64,1",
-                        help="comma-separated max_batch_size values (series per pass)")
+                        help="comma-separated max_batch_size values (series generated at once)")
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--wait", default="0.1,0.5", help="min,max pause between requests (s)")

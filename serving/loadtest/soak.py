@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-candles", type=int, default=256, help="longest history (candles)")
     parser.add_argument("--preset", default="small", help="demo weights shape: mini, small, base")
     parser.add_argument("--max-batch-size", type=int, default=0,
-                        help="override max_batch_size (series per pass; 1 = batching off)")
+                        help="override max_batch_size (series generated at once; 1 = batching off)")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KRONOS_TORCH_THREADS (1 leaves a core to the event loop)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=300.0,
