@@ -54,8 +54,9 @@ class Dense:
         flat = x.reshape(-1, x.shape[-1])
         out_features = self.weight_major.shape[0]
         if flat.shape[0] in WEIGHT_MAJOR_ROWS and flat.device.type == "cpu":
-            out = (self.weight_major @ flat.t()).t()
-            out = out + self.bias if self.bias is not None else out.contiguous()
+            transposed = (torch.addmm(self.bias[:, None], self.weight_major, flat.t())
+                          if self.bias is not None else self.weight_major @ flat.t())  # [out, rows]
+            out = transposed.t().contiguous()
         elif self.bias is not None:
             out = torch.addmm(self.bias, flat, self.input_major)
         else:
