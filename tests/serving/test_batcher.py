@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from serving_helpers import history
 
+import serving.cohort as cohort_module
 from model_package import KronosForecaster, SamplingParams
 from serving.batcher import (
     BatcherConfig,
@@ -114,6 +115,36 @@ def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
     assert max(recorder.step_series) == 4  # 1 + 2 merged + 1 beside: all in one step
     for name, want in expected.items():
         pd.testing.assert_frame_equal(frames[name], want, rtol=1e-5)
+
+
+def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch):
+    """Fault injection: the first shared step raises; the worker reruns every request of
+    the failed generations on its own, so all requests still get their own forecasts."""
+    real_step, calls = cohort_module.step_together, []
+
+    def failing_once(generations):
+        calls.append(len(generations))
+        if len(calls) == 1:
+            raise RuntimeError("injected step failure")
+        return real_step(generations)
+
+    monkeypatch.setattr(cohort_module, "step_together", failing_once)
+    cases = [(history(["A"], seed=5), SamplingParams(pred_len=3, top_k=1)),
+             (history(["B", "C"], seed=6), SamplingParams(pred_len=4, top_k=1))]
+    expected = [forecaster.predict(h, **p.__dict__) for h, p in cases]
+
+    async def main() -> list[pd.DataFrame]:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.2))
+        batcher.start()
+        results = await asyncio.gather(*[batcher.submit(forecaster, forecaster.prepare(h, p), 60)
+                                         for h, p in cases])
+        await batcher.drain_and_stop(10)
+        return [r.frame for r in results]
+
+    frames = asyncio.run(main())
+    assert calls == [1]  # one shared step, then both reran alone through generate()
+    for got, want in zip(frames, expected, strict=True):
+        pd.testing.assert_frame_equal(got, want, rtol=1e-5)
 
 
 def test_full_queue_is_refused_at_once(forecaster):
