@@ -308,8 +308,9 @@ class SeriesBatcher:
             logger.error("batch worker crashed", exc_info=future.exception())
 
     def _complete(self, jobs: list[_Job], results: Sequence[Forecast | BaseException],
-                  seconds: float, candles: int) -> None:
-        """Event loop: answer a finished cohort's requests and free its series."""
+                  seconds: float | None, candles: int = 0) -> None:
+        """Event loop: answer a finished cohort's requests and free its series (`seconds`
+        None: jobs that never ran, not reported as a cohort)."""
         finished = time.monotonic()
         for job, outcome in zip(jobs, results, strict=True):
             job.finished = finished
@@ -317,8 +318,9 @@ class SeriesBatcher:
                 outcome = DeadlineExceededError(job.deadline_s)
             self._settle(job, outcome)
         self._running_series -= sum(job.n_series for job in jobs)
-        self.passes += 1
-        self.observer.pass_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
+        if seconds is not None:
+            self.passes += 1
+            self.observer.pass_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
         self._wakeup.set()
 
     # -- the worker thread ---------------------------------------------------------------
@@ -341,7 +343,7 @@ class SeriesBatcher:
                     live = [job for job in jobs if not job.cancelled]  # expired while handed over
                     if len(live) < len(jobs):
                         gone = [job for job in jobs if job.cancelled]
-                        loop.call_soon_threadsafe(self._complete, gone, [AbandonedError()] * len(gone), 0.0, 0)
+                        loop.call_soon_threadsafe(self._complete, gone, [AbandonedError()] * len(gone), None)
                     if live:
                         failed += runner.add(self._cohort(live))
                 series = runner.step_series()
@@ -361,7 +363,7 @@ class SeriesBatcher:
             for cohort in runner.cohorts:
                 self._answer(loop, cohort, [exc] * len(cohort.jobs))
             for jobs in stranded:
-                loop.call_soon_threadsafe(self._complete, jobs, [exc] * len(jobs), 0.0, 0)
+                loop.call_soon_threadsafe(self._complete, jobs, [exc] * len(jobs), None)
             raise
 
     def _cohort(self, jobs: list[_Job]) -> Cohort:
