@@ -31,6 +31,7 @@ from typing import Protocol
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
 
 from .cohort import AbandonedError, Cohort, CohortRunner
+from .memory import trim_heap
 
 logger = logging.getLogger("kronos.serving.batcher")
 
@@ -337,7 +338,7 @@ class SeriesBatcher:
                     if not arrived and not runner.cohorts:
                         self._worker_running = False
                         self.worker_started = None
-                        return
+                        break
                 failed = []
                 for jobs in _merge_by_forecaster(arrived):
                     live = [job for job in jobs if not job.cancelled]  # expired while handed over
@@ -365,6 +366,7 @@ class SeriesBatcher:
             for jobs in stranded:
                 loop.call_soon_threadsafe(self._complete, jobs, [exc] * len(jobs), None)
             raise
+        trim_heap()  # idle now: hand the caches' freed memory back
 
     def _cohort(self, jobs: list[_Job]) -> Cohort:
         def stop(j: int) -> bool:

@@ -2,13 +2,15 @@
 
 1. Registers random demo weights (Kronos-small shape by default) in a temporary sqlite
    registry and starts `mlserver start` on free 127.0.0.1 ports with a small queue
-   (`KRONOS_QUEUE_CAPACITY_SERIES`), so that overload is reachable.
+   (`KRONOS_QUEUE_CAPACITY_SERIES`) and batch (`max_batch_size`: series in generation at
+   once), so that overload is reachable.
 2. Phase "below": fewer users than queue slots (each request holds <= max_series series)
    -> no failed request at all.
 3. Phase "above": many more users than queue slots -> some 503s, fast (p95 under
    `--max-503-p95-s`), and every accepted request still succeeds.
 4. Server RSS (the mlserver process tree, sampled every second) may grow by at most
-   `--max-rss-growth-mb` from the end of phase "below" to the end of the run.
+   `--max-rss-growth-mb` from the end of phase "below" to the end of the run, measured
+   once the server is idle again (requests still generating hold their caches).
 5. `/v2/health/ready` is 200 afterwards and one more forecast succeeds.
 
 Prints a summary table and exits 1 on any violation. Locust runs as a subprocess per
@@ -120,6 +122,19 @@ class Stack:
             return httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is queued or being generated (`/kronos/health/live`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                state = httpx.get(f"{self.url}/kronos/health/live", timeout=10).json()
+                if not state.get("running") and not state.get("queued_series"):
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        return False
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -359,8 +374,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-series", type=int, default=3, help="most series per request")
     parser.add_argument("--max-candles", type=int, default=256, help="longest history (candles)")
     parser.add_argument("--preset", default="small", help="demo weights shape: mini, small, base")
-    parser.add_argument("--max-batch-size", type=int, default=0,
-                        help="override max_batch_size (series generated at once; 1 = batching off)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="max_batch_size (series generated at once; 1 = batching off; 0 = "
+                             "the shipped model-settings.json). The server holds this many "
+                             "series in generation plus the queue, so a small value keeps "
+                             "phase 'above' over capacity")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="KRONOS_TORCH_THREADS (1 leaves a core to the event loop)")
     parser.add_argument("--max-rss-growth-mb", type=float, default=300.0,
@@ -409,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             phases["above"] = run_locust(stack, args.report_dir / "above", args.above_users,
                                          args.seconds, (0.05, 0.3), seed=1, **load)
             sampler.phase = "after"
+            stack.wait_idle(timeout_s=300)  # requests still running hold their caches
             time.sleep(3)
             rss_end = sampler.now()
         problems = check(phases, rss_after_below, rss_end, args)
