@@ -159,10 +159,6 @@ class SeriesBatcher:
     def queued_series(self) -> int:
         return self._queued_series
 
-    @property
-    def running_series(self) -> int:
-        return self._running_series
-
     def stalled_for(self) -> float:
         """Seconds since the worker last made progress (0 when idle)."""
         if self.worker_started is None:
@@ -340,7 +336,7 @@ class SeriesBatcher:
                         self.worker_started = None
                         break
                 failed = []
-                for jobs in _merge_by_forecaster(arrived):
+                for jobs in _cohorts_of(arrived):
                     live = [job for job in jobs if not job.cancelled]  # expired while handed over
                     if len(live) < len(jobs):
                         gone = [job for job in jobs if job.cancelled]
@@ -384,7 +380,7 @@ class SeriesBatcher:
         loop.call_soon_threadsafe(self._complete, cohort.jobs, results, seconds, cohort.candles)
 
 
-def _merge_by_forecaster(handed: list[list[_Job]]) -> list[list[_Job]]:
+def _cohorts_of(handed: list[list[_Job]]) -> list[list[_Job]]:
     """Jobs handed over during one step as few cohorts as possible (fewer, larger cohorts
     step faster): one per forecaster, with the one-path requests apart from the others
     because only those can merge into a running generation."""

@@ -45,9 +45,9 @@ def step_together(runs: Sequence[Generation]) -> None:
         run.plan()
     moving = [run for run in runs if run.advancing]
     if moving:
-        s1, s2, stamps, positions = (_cat(parts) for parts in zip(*[run.cached_step_input() for run in moving],
-                                                                 strict=True))
-        sizes = [run.cached.rows.numel() for run in moving if run.cached is not None]
+        inputs = [run.cached_step_input() for run in moving]
+        sizes = [s1.shape[0] for s1, *_ in inputs]
+        s1, s2, stamps, positions = (_cat(parts) for parts in zip(*inputs, strict=True))
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if len(moving) == 1:
