@@ -26,9 +26,10 @@ COPY pyproject.toml README.md ./
 COPY model_package ./model_package
 COPY registry_scripts ./registry_scripts
 COPY serving ./serving
-# The constraint keeps pip from replacing the torch build chosen above.
+# The constraint keeps pip from replacing the torch build chosen above. The `serving` extra
+# is the MLServer layer with its pins (pandas < 3, uvloop < 0.22).
 RUN echo "torch==${TORCH_VERSION}" > /tmp/torch-constraint.txt \
-    && pip install --no-cache-dir -c /tmp/torch-constraint.txt /src \
+    && pip install --no-cache-dir -c /tmp/torch-constraint.txt "/src[serving]" \
     && if [ -n "${EXTRA_PIP_PACKAGES}" ]; then \
          read -ra extra <<< "${EXTRA_PIP_PACKAGES}" \
          && pip install --no-cache-dir -c /tmp/torch-constraint.txt "${extra[@]}"; \

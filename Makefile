@@ -7,14 +7,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# Second environment: the model package, forecaster and pyfunc under pandas 3 (no MLServer).
+VENV_PD3 := .venv-pandas3
+BIN_PD3 := $(VENV_PD3)/bin
+STAMP_PD3 := $(VENV_PD3)/.installed
+PIP_PD3 := $(BIN_PD3)/python -m pip --disable-pip-version-check -q
 
-.PHONY: help venv system test test-fast lint serve bench loadtest soak clean
+.PHONY: help venv system test test-pandas3 test-fast lint serve bench loadtest soak clean
 
 help:
 	@echo "make test    - set up (venv, packages, system services) and run the whole test suite"
+	@echo "make test-pandas3 - model and pyfunc tests in a second venv with pandas 3 (no MLServer)"
 	@echo "make serve   - set up and run the serving stack on the embedded default registry"
 	@echo "make bench   - model-level benchmark: reference vs fast generation"
-	@echo "make lint    - ruff"
+	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
 	@echo "make soak    - start a local stack, soak it below and above capacity, check"
 
@@ -25,24 +31,46 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIN) 2>&1 | grep -v "^WARNING: Location" || true
 	echo "$(TORCH_PIN)" > $(VENV)/torch-constraint.txt
-	$(PIP) install -c $(VENV)/torch-constraint.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install -c $(VENV)/torch-constraint.txt -e '.[dev,serving]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, mlflow, mlserver, pandas; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# The same order for the pandas-3 environment: torch first, then the core and the test
+# tools with pandas >= 3, without the MLServer layer (`serving` extra: pandas < 3).
+$(STAMP_PD3): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN_PD3)/python || $(PYTHON) -m venv $(VENV_PD3)
+	$(PIP_PD3) install $(TORCH_PIN) 2>&1 | grep -v "^WARNING: Location" || true
+	echo "$(TORCH_PIN)" > $(VENV_PD3)/torch-constraint.txt
+	$(PIP_PD3) install -c $(VENV_PD3)/torch-constraint.txt -e '.[test]' 'pandas>=3' 2>&1 \
+	  | grep -v "^WARNING: Location" || true
+	$(BIN_PD3)/python -c "import torch, mlflow, pandas, hypothesis; \
+	  assert torch.__version__.startswith('2.13.0'), torch.__version__; \
+	  assert int(pandas.__version__.split('.')[0]) >= 3, pandas.__version__"
+	touch $(STAMP_PD3)
+
 system:
 	bash scripts/setup-system.sh
 
-test: venv system
-	$(BIN)/ruff check .
+test: venv system lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-pandas3
+
+# tests/model and tests/pyfunc (test_serve.py included: `mlflow models serve`) under pandas 3.
+test-pandas3: $(STAMP_PD3)
+	$(BIN_PD3)/python -m pytest -q tests/model tests/pyfunc $(PYTEST_ARGS_PD3)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
+# The same checks as .pre-commit-config.yaml (`.venv/bin/pre-commit install` runs them on
+# every commit).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/python -m model_package.bench $(BENCH_ARGS)
@@ -76,4 +104,4 @@ soak: venv
 	$(BIN)/python -m serving.loadtest.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV_PD3) .pytest_cache .benchmarks

@@ -3,6 +3,7 @@
     python -m model_package.bench                 # all cases, CPU, 2 torch threads
     python -m model_package.bench --cases 1 2     # a subset
     python -m model_package.bench --device cuda   # on a GPU
+    python -m model_package.bench --memory        # measured peak memory vs the cost bound
 
 Random weights of the Kronos-small shape with the Tokenizer-base shape (no hub access
 needed; speed does not depend on the weight values). Every timing is the median of
@@ -12,7 +13,10 @@ needed; speed does not depend on the weight values). Every timing is the median 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
 import statistics
 import threading
 import time
@@ -24,6 +28,7 @@ import torch
 
 from .kronos import PRESETS, Kronos, KronosTokenizer, SeriesInput, generate
 from .kronos.checkpoint import random_init_
+from .kronos.cost import NetworkShape, SeriesWork, generation_cost
 
 MAX_CONTEXT = 512
 
@@ -169,10 +174,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--no-rolling", dest="rolling", action="store_false",
                         help="skip the approximate rolling-cache mode")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: peak memory of generations of many shapes vs their cost bound")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tokenizer, model = build_models(device)
+    if args.memory:
+        memory_check(tokenizer, model, device)
+        return []
     cases = {
         1: ("1: 400 -> 120, greedy, 1 path", [make_series(400, 120, 1, top_k=1, top_p=1.0)]),
         2: ("2: 392 -> 120, greedy, 1 path (fits 512)", [make_series(392, 120, 2, top_k=1, top_p=1.0)]),
@@ -195,6 +205,62 @@ def main(argv: list[str] | None = None) -> list[Row]:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=2)
     return rows
+
+
+# (series, history candles, pred_len, sample paths, mode): no window slide, single-path and
+# multi-path slides, batches, the reference algorithm
+MEMORY_SHAPES = [(1, 400, 120, 1, "fast"), (16, 300, 50, 1, "fast"), (16, 400, 120, 1, "fast"),
+                 (4, 520, 12, 1, "fast"), (2, 256, 64, 16, "fast"), (8, 256, 20, 16, "fast"),
+                 (1, 400, 120, 16, "fast"), (1, 500, 30, 8, "fast"), (1, 400, 120, 1, "rolling"),
+                 (1, 200, 10, 4, "reference")]
+
+
+class HighWaterMark:
+    """Exact peak RSS growth of this process while a block runs (Linux): the heap is trimmed
+    and the kernel's high-water mark (VmHWM) reset first, so memory freed by an earlier
+    block cannot hide this one's peak."""
+
+    def __enter__(self) -> HighWaterMark:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        self.base = _status_bytes("VmRSS:")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak = _status_bytes("VmHWM:") - self.base
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
+
+
+def memory_check(tokenizer: KronosTokenizer, model: Kronos, device: torch.device) -> None:
+    """Peak memory of each shape's generation next to `model_package.kronos.cost`'s bound
+    (the bound holds when every ratio stays below 1): host RSS on Linux CPUs, the CUDA
+    allocator's high-water mark on GPUs."""
+    shape = NetworkShape.of(tokenizer.config, model.config, MAX_CONTEXT)
+    generate(tokenizer, model, [make_series(64, 2, 0)], MAX_CONTEXT)  # one-time packing of weights
+    print(f"{'series x candles -> pred_len, paths, mode':<44} {'bound MiB':>9} {'peak MiB':>9} {'ratio':>6}")
+    worst = 0.0
+    for series, length, pred_len, paths, mode in MEMORY_SHAPES:
+        work = [make_series(length, pred_len, 10 + b, sample_count=paths, seed=b) for b in range(series)]
+        bound = generation_cost(shape, [SeriesWork(length, pred_len, paths)] * series, mode,
+                                history_rows=0).memory_bytes
+        exact = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
+        with HighWaterMark() if exact else PeakMemory(device) as peak:
+            generate(tokenizer, model, work, MAX_CONTEXT, mode)
+        ratio = peak.peak / bound
+        worst = max(worst, ratio)
+        print(f"{f'{series} x {length} -> {pred_len}, {paths}, {mode}':<44} {bound / 2**20:>9.0f} "
+              f"{peak.mib:>9.0f} {ratio:>6.2f}{'  OVER' if ratio > 1 else ''}", flush=True)
+    print(f"\nworst ratio {worst:.2f} (device {device}, threads {torch.get_num_threads()})")
 
 
 def print_header() -> None:

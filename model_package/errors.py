@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Longest repr of a client's value quoted in a message (a 1 MB string is not echoed back).
+BRIEF_CHARS = 60
+
 
 class KronosInputError(ValueError):
     """Invalid forecast input. `field` is a column or parameter name; `series` is the
@@ -9,5 +12,19 @@ class KronosInputError(ValueError):
 
     def __init__(self, field: str, rule: str, series: object | None = None) -> None:
         self.field, self.rule, self.series = field, rule, series
-        where = f"series {series!r}, " if series is not None else ""
+        where = f"series {brief(series)}, " if series is not None else ""
         super().__init__(f"{where}{field}: {rule}")
+
+
+def brief(value: object, limit: int = BRIEF_CHARS) -> str:
+    """repr(value), cut to `limit` characters (with "..." when cut)."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile object's __repr__ must not turn a 400 into a 500
+        text = f"<{type(value).__name__}>"
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int = BRIEF_CHARS) -> str:
+    """`text` cut to `limit` characters (with "..." when cut)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

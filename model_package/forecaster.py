@@ -19,17 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .calendar import calendar_features, infer_future_timestamps
-from .errors import KronosInputError
+from .calendar import calendar_features, check_future, infer_future_timestamps, parse_timestamps
+from .errors import KronosInputError, brief
 from .frames import (
     CANDLE_COLUMNS,
     SERIES_ID,
     TIMESTAMP,
     Series,
-    check_increasing,
     denormalise,
     normalise,
-    parse_timestamps,
     split_series,
 )
 from .kronos import (
@@ -52,46 +50,95 @@ from .kronos.sampling import splitmix64
 PATH = "path"
 
 
+# Ranges of the integer params (documented in the README's params table). The server's
+# limits (model_package/settings.py) cap pred_len and sample_count further.
+INT_PARAM_MAX = 2**31 - 1
+SEED_MAX = 2**64 - 1  # seeds are 64-bit: 0 .. 2**64 - 1, each gives its own draws
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-6, 1e6  # logits / temperature stay finite in float32
+DEFAULT_PRED_LEN = 10
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Validated generation settings of one request."""
+    """Validated generation settings of one request. The field defaults are the defaults of
+    every entry point: `KronosForecaster.predict`, the pyfunc's signature (`PARAM_SPECS`)
+    and its param coercion all read them from here."""
 
-    pred_len: int
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.9
-    sample_count: int = 1
-    seed: int | None = None
-    quantiles: tuple[float, ...] = ()
-    freq: str | None = None
+    pred_len: int = DEFAULT_PRED_LEN  # forecast steps per series, 1 .. INT_PARAM_MAX
+    temperature: float = 1.0  # logits are divided by it, TEMPERATURE_MIN .. TEMPERATURE_MAX
+    top_k: int = 0  # 0 = off, 1 = greedy, 0 .. INT_PARAM_MAX (above the vocabulary: all kept)
+    top_p: float = 0.9  # nucleus mass in (0, 1]; ignored when top_k > 0
+    sample_count: int = 1  # sampled paths per series (output = their mean), 1 .. INT_PARAM_MAX
+    seed: int | None = None  # None = fresh randomness; 0 .. SEED_MAX
+    quantiles: tuple[float, ...] = ()  # levels in (0, 1) -> {column}_q{level} columns
+    freq: str | None = None  # pandas offset alias ("B", "5min"); None = inferred per series
+    strict_candles: bool = True  # prices > 0, low <= open, close <= high, volume/amount >= 0
 
     def __post_init__(self) -> None:
-        _check_int("pred_len", self.pred_len, minimum=1)
-        _check_int("top_k", self.top_k, minimum=0)
-        _check_int("sample_count", self.sample_count, minimum=1)
-        if not _is_real(self.temperature) or not self.temperature > 0 or math.isinf(self.temperature):
-            raise KronosInputError("temperature", f"must be a finite number > 0, got {self.temperature!r}")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise KronosInputError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        # Validate, and store plain Python types (numpy scalars and lists come in too).
+        set_ = object.__setattr__
+        set_(self, "pred_len", _checked_int("pred_len", self.pred_len, 1, INT_PARAM_MAX))
+        set_(self, "top_k", _checked_int("top_k", self.top_k, 0, INT_PARAM_MAX))
+        set_(self, "sample_count", _checked_int("sample_count", self.sample_count, 1, INT_PARAM_MAX))
+        temperature = _checked_real("temperature", self.temperature)
+        if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:
+            raise KronosInputError(
+                "temperature", f"must be in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {temperature!r}")
+        set_(self, "temperature", temperature)
+        top_p = _checked_real("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise KronosInputError("top_p", f"must be in (0, 1], got {top_p!r}")
+        set_(self, "top_p", top_p)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=None)
-        for q in self.quantiles:
-            if not _is_real(q) or not 0 < q < 1:
-                raise KronosInputError("quantiles", f"levels must be in (0, 1), got {q!r}")
-        if len(set(self.quantiles)) != len(self.quantiles):
-            raise KronosInputError("quantiles", "levels must be distinct")
+            set_(self, "seed", _checked_int("seed", self.seed, 0, SEED_MAX))
+        set_(self, "quantiles", _checked_levels(self.quantiles))
+        if self.freq is not None and not isinstance(self.freq, str):
+            raise KronosInputError("freq", f"must be a string (pandas offset alias), got {brief(self.freq)}")
+        if not isinstance(self.strict_candles, (bool, np.bool_)):
+            raise KronosInputError("strict_candles", f"must be true or false, got {brief(self.strict_candles)}")
+        set_(self, "strict_candles", bool(self.strict_candles))
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and not math.isnan(float(value))
+def _checked_int(name: str, value: object, minimum: int, maximum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise KronosInputError(name, f"must be an integer, got {brief(value)}")
+    number = int(value)
+    if number < minimum:
+        raise KronosInputError(name, f"must be >= {minimum}, got {number}")
+    if number > maximum:
+        raise KronosInputError(name, f"must be <= {maximum}, got {brief(number)}")
+    return number
 
 
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise KronosInputError(name, f"must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise KronosInputError(name, f"must be >= {minimum}, got {value}")
+def _checked_real(name: str, value: object) -> float:
+    """A finite float from an int or float (not bool, NaN or infinite)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise KronosInputError(name, f"must be a number, got {brief(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise KronosInputError(name, f"must be a finite number, got {brief(value)}")
+    return number
+
+
+def _checked_levels(levels: object) -> tuple[float, ...]:
+    """Quantile levels: finite, in (0, 1), distinct, with distinct column names."""
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, (tuple, list, np.ndarray)):
+        raise KronosInputError("quantiles", f"must be a list of numbers, got {brief(levels)}")
+    checked = tuple(_checked_real("quantiles", q) for q in levels)
+    for q in checked:
+        if not 0 < q < 1:
+            raise KronosInputError("quantiles", f"levels must be in (0, 1), got {q!r}")
+    names: dict[str, float] = {}
+    for q in checked:
+        name = quantile_column("close", q)
+        if name in names:
+            what = "must be distinct" if names[name] == q else "must give distinct column names"
+            raise KronosInputError("quantiles", f"levels {what}, got {names[name]!r} and {q!r} ({name})")
+        names[name] = q
+    return checked
 
 
 def quantile_column(column: str, level: float) -> str:
@@ -99,11 +146,22 @@ def quantile_column(column: str, level: float) -> str:
     return f"{column}_q{level:g}"
 
 
+_DEFAULTS = SamplingParams()  # the defaults, as predict's keyword defaults read them
+
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
 def series_seed(seed: int, index: int) -> int:
-    """Seed of the index-th series of a request drawn with `seed` (distinct per series)."""
-    mixed = splitmix64(np.array([(seed & 0xFFFFFFFFFFFFFFFF) ^ (index * 0x9E3779B97F4A7C15
-                                                                & 0xFFFFFFFFFFFFFFFF)],
-                                dtype=np.uint64))
+    """Seed of the index-th series of a request drawn with `seed` (0 .. SEED_MAX).
+
+    For one index this is a bijection of the seed (splitmix64 of seed XOR an odd multiple
+    of the index), so every seed in range gives its own draws, and the series of one
+    request get distinct seeds."""
+    seed, index = int(seed), int(index)
+    if not 0 <= seed <= SEED_MAX or index < 0:
+        raise ValueError(f"seed must be in 0..{SEED_MAX} and index >= 0, got {seed}, {index}")
+    mixed = splitmix64(np.array([seed ^ ((index * _GOLDEN64) & _MASK64)], dtype=np.uint64))
     return int(mixed[0])
 
 
@@ -199,31 +257,39 @@ class KronosForecaster:
 
     # -- the public calls ------------------------------------------------------------------
 
-    def predict(self, history: pd.DataFrame, pred_len: int,
-                future_timestamps: pd.DataFrame | None = None, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 0.9, sample_count: int = 1,
-                seed: int | None = None, quantiles: Sequence[float] | None = None,
-                freq: str | None = None) -> pd.DataFrame:
+    def predict(self, history: pd.DataFrame, pred_len: int = _DEFAULTS.pred_len,
+                future_timestamps: pd.DataFrame | None = None,
+                temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
+                top_p: float = _DEFAULTS.top_p, sample_count: int = _DEFAULTS.sample_count,
+                seed: int | None = _DEFAULTS.seed, quantiles: Sequence[float] | None = None,
+                freq: str | None = _DEFAULTS.freq,
+                strict_candles: bool = _DEFAULTS.strict_candles) -> pd.DataFrame:
         """Forecast `pred_len` candles per series: the mean over `sample_count` sampled
         paths, plus `{column}_q{level}` columns for each quantile level.
 
         Greedy decoding is `top_k=1`. `seed` makes sampling reproducible; without it each
-        call draws fresh randomness (the global torch RNG is never used).
+        call draws fresh randomness (the global torch RNG is never used). Defaults and
+        ranges: `SamplingParams`. `strict_candles=False` accepts zero/negative prices and
+        bars whose open/close lie outside [low, high] (see `model_package.frames`).
         """
         params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed,
-                                tuple(quantiles or ()), freq)
+                                tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
+                                freq, strict_candles)
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs,
                                             self.max_context, self.mode)
         return self.finish(request, outputs).frame
 
-    def predict_paths(self, history: pd.DataFrame, pred_len: int,
-                      future_timestamps: pd.DataFrame | None = None, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 0.9, sample_count: int = 1,
-                      seed: int | None = None, freq: str | None = None) -> pd.DataFrame:
+    def predict_paths(self, history: pd.DataFrame, pred_len: int = _DEFAULTS.pred_len,
+                      future_timestamps: pd.DataFrame | None = None,
+                      temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
+                      top_p: float = _DEFAULTS.top_p, sample_count: int = _DEFAULTS.sample_count,
+                      seed: int | None = _DEFAULTS.seed, freq: str | None = _DEFAULTS.freq,
+                      strict_candles: bool = _DEFAULTS.strict_candles) -> pd.DataFrame:
         """Every sampled path, long format: series_id (when given), `path`, timestamp and
         the six columns. With the same arguments, `predict` returns the mean of these."""
-        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed, (), freq)
+        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed, (), freq,
+                                strict_candles)
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs,
                                             self.max_context, self.mode)
@@ -237,10 +303,10 @@ class KronosForecaster:
         if params.pred_len > self.max_context:
             raise KronosInputError(
                 "pred_len", f"must be <= the model context ({self.max_context}), got {params.pred_len}")
-        all_series = split_series(history)
+        all_series = split_series(history, strict=params.strict_candles)
         has_series_id = SERIES_ID in history.columns
         futures = _future_by_series(future_timestamps, all_series, params, has_series_id)
-        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        base_seed = params.seed if params.seed is not None else secrets.randbits(64)
         prepared = []
         for index, series in enumerate(all_series):
             future = futures[index]
@@ -263,8 +329,12 @@ class KronosForecaster:
             if output is None:
                 raise RuntimeError(f"series {prepared.series.label!r} was not generated")
             paths = denormalise(output.paths.float().cpu().numpy(), prepared.mean, prepared.std)
+            if not np.isfinite(paths).all():  # never answer NaN/inf (null in JSON) forecasts
+                raise KronosInputError(
+                    "history", "the forecast is not finite: the candle values are beyond what the "
+                               "model's float32 arithmetic carries", prepared.series.label)
             all_paths.append(paths)  # [S, P, 6]
-            columns: dict[str, np.ndarray] = {}
+            columns: dict[str, np.ndarray | pd.DatetimeIndex] = {}
             if request.has_series_id:
                 columns[SERIES_ID] = np.array([prepared.series.series_id] * len(prepared.future),
                                               dtype=object)
@@ -319,10 +389,7 @@ def _future_by_series(future_timestamps: pd.DataFrame | None, all_series: list[S
             raise KronosInputError(
                 field_name, f"needs pred_len={params.pred_len} rows per series, got {len(rows)}", s.label)
         future = parse_timestamps(rows.reset_index(drop=True), field_name, s.label)
-        check_increasing(future, field_name, s.label)
-        if future[0] <= s.timestamps[-1]:
-            raise KronosInputError(
-                field_name, f"must start after the last history timestamp ({s.timestamps[-1]})", s.label)
+        check_future(future, s.timestamps[-1], params.pred_len, field_name, s.label)
         result.append(future)
     return result
 

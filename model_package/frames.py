@@ -4,6 +4,18 @@ Input columns: optional `series_id`, `timestamp`, `open`, `high`, `low`, `close`
 `volume`, optional `amount`. Missing-column rules (as upstream Kronos): without volume,
 volume and amount are 0; without amount, amount = volume x mean(open, high, low, close).
 A column present in the frame but entirely empty for one series counts as missing for it.
+
+Candle rules (errors name the series, the column, the rule, the value and the row of the
+request frame, counted from 0):
+- each column given once; `series_id` values are strings or integers, never empty;
+- candle values are numbers (not booleans), finite, and of magnitude <= `MAX_ABS_VALUE`
+  (1e15): normalisation runs in float32, and beyond that bound the mean, std and z-scores
+  of a long history stop being finite or exact;
+- with `strict_candles` (the default): prices > 0, low <= open, close <= high (so
+  low <= high), volume and amount >= 0. `strict_candles=False` skips exactly these checks,
+  for instruments whose prices can be zero or negative (spreads, oil futures in 2020) or
+  whose bars are not ordered OHLC.
+Timestamp rules: see `calendar.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .errors import KronosInputError
+from .calendar import check_increasing, parse_timestamps
+from .errors import KronosInputError, brief, cut
 
 SERIES_ID = "series_id"
 TIMESTAMP = "timestamp"
@@ -21,6 +34,10 @@ PRICE_COLUMNS = ("open", "high", "low", "close")
 VOLUME, AMOUNT = "volume", "amount"
 CANDLE_COLUMNS = (*PRICE_COLUMNS, VOLUME, AMOUNT)
 NORM_EPS = 1e-5
+# Largest |candle value| accepted: float32 squares of 2e15 (a deviation from the mean) summed
+# over a million candles stay below float32's 3.4e38, so mean, std and z-scores are finite.
+MAX_ABS_VALUE = 1e15
+STRICT = "strict_candles"
 
 
 @dataclass
@@ -36,35 +53,70 @@ class Series:
         return self.series_id if self.series_id is not None else "<single>"
 
 
-def split_series(history: pd.DataFrame, min_length: int = 2) -> list[Series]:
-    """Validate a long-format frame and split it into series (order of first appearance)."""
+def check_frame(history: object) -> pd.DataFrame:
+    """The frame-level rules (type, rows, columns, series ids); cheap, builds nothing."""
     if not isinstance(history, pd.DataFrame):
         raise KronosInputError("history", f"must be a pandas DataFrame, got {type(history).__name__}")
     if history.empty:
         raise KronosInputError("history", "must contain at least one row")
+    names = list(history.columns)
+    duplicated = sorted({str(c) for c in names if names.count(c) > 1})
+    if duplicated:
+        raise KronosInputError(", ".join(duplicated), "column given more than once")
     missing = [c for c in (TIMESTAMP, *PRICE_COLUMNS) if c not in history.columns]
     if missing:
         raise KronosInputError(
-            ", ".join(missing), f"required column missing (got columns {list(history.columns)})")
-    frame = history.reset_index(drop=True)
+            ", ".join(missing), f"required column missing (got columns {brief(names, 200)})")
+    if SERIES_ID in history.columns:
+        _check_series_ids(history[SERIES_ID])
+    return history
+
+
+def _check_series_ids(ids: pd.Series) -> None:
+    empty = np.asarray(ids.isna())
+    if empty.any():
+        raise KronosInputError(SERIES_ID, f"must not be empty, got an empty value at row {int(empty.argmax())}")
+    if pd.api.types.is_bool_dtype(ids.dtype) or pd.api.types.is_float_dtype(ids.dtype):
+        raise KronosInputError(SERIES_ID, f"must be strings or integers, got {ids.dtype} values")
+    if pd.api.types.is_object_dtype(ids.dtype):
+        for row, value in enumerate(ids):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+                raise KronosInputError(
+                    SERIES_ID, f"must be strings or integers, got {type(value).__name__} {brief(value)} at row {row}")
+
+
+def split_series(history: pd.DataFrame, min_length: int = 2, strict: bool = True) -> list[Series]:
+    """Validate a long-format frame and split it into series (order of first appearance).
+
+    `strict` applies the strict_candles rules (see the module doc)."""
+    frame = check_frame(history).reset_index(drop=True)
+    groups: list[tuple[object | None, pd.DataFrame]] = [(None, frame)]
     if SERIES_ID in frame.columns:
-        if frame[SERIES_ID].isna().any():
-            raise KronosInputError(SERIES_ID, "must not be empty")
         groups = [(sid, part) for sid, part in frame.groupby(SERIES_ID, sort=False)]
-    else:
-        groups = [(None, frame)]
-    return [_one_series(sid, part, min_length) for sid, part in groups]
+    return [_one_series(sid, part, min_length, strict) for sid, part in groups]
 
 
 def _numeric(part: pd.DataFrame, column: str, label: object) -> np.ndarray:
+    """One candle column as float64 [L]: numbers only, finite, |x| <= MAX_ABS_VALUE."""
+    raw = part[column]
+    rows = part.index.to_numpy()
+    if pd.api.types.is_bool_dtype(raw.dtype):
+        raise KronosInputError(column, f"must be numeric, got booleans at row {rows[0]}", label)
+    if pd.api.types.is_object_dtype(raw.dtype):
+        for i, value in enumerate(raw):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, str, np.number)):
+                raise KronosInputError(
+                    column, f"must be numeric, got {type(value).__name__} {brief(value)} at row {rows[i]}", label)
     try:
-        values = pd.to_numeric(part[column], errors="raise").to_numpy(dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise KronosInputError(column, "must be numeric", label) from exc
+        values = pd.to_numeric(raw, errors="raise").to_numpy(dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise KronosInputError(column, f"must be numeric ({cut(str(exc), 80)})", label) from exc
     bad = ~np.isfinite(values)
     if bad.any():
         raise KronosInputError(
-            column, f"must not contain NaN or infinite values ({int(bad.sum())} rows)", label)
+            column, f"must not contain NaN or infinite values ({int(bad.sum())} rows, first at row "
+                    f"{rows[bad.argmax()]})", label)
+    check_magnitude(values, column, label, rows)
     return values
 
 
@@ -72,17 +124,26 @@ def _present(part: pd.DataFrame, column: str) -> bool:
     return column in part.columns and not part[column].isna().all()
 
 
-def _one_series(series_id: object | None, part: pd.DataFrame, min_length: int) -> Series:
+def _one_series(series_id: object | None, part: pd.DataFrame, min_length: int, strict: bool) -> Series:
     label = series_id if series_id is not None else "<single>"
     if len(part) < min_length:
         raise KronosInputError("history", f"needs at least {min_length} candles, got {len(part)}", label)
-    timestamps = parse_timestamps(part[TIMESTAMP], TIMESTAMP, label)
-    check_increasing(timestamps, TIMESTAMP, label)
+    rows = part.index.to_numpy()
+    timestamps = parse_timestamps(part[TIMESTAMP], TIMESTAMP, label, rows)
+    check_increasing(timestamps, TIMESTAMP, label, rows)
     prices = np.stack([_numeric(part, c, label) for c in PRICE_COLUMNS], axis=1)  # [L, 4]
+    if strict:
+        check_strict_prices(prices, label, rows)
     if _present(part, VOLUME):
         volume = _numeric(part, VOLUME, label)
-        amount = (_numeric(part, AMOUNT, label) if _present(part, AMOUNT)
-                  else volume * prices.mean(axis=1))
+        if _present(part, AMOUNT):
+            amount = _numeric(part, AMOUNT, label)
+        else:
+            amount = volume * prices.mean(axis=1)
+            check_magnitude(amount, AMOUNT, label, rows, "derived as volume x mean price")
+        if strict:
+            _check_non_negative(volume, VOLUME, label, rows)
+            _check_non_negative(amount, AMOUNT, label, rows)
     else:
         volume = np.zeros(len(part))
         amount = np.zeros(len(part))
@@ -90,24 +151,43 @@ def _one_series(series_id: object | None, part: pd.DataFrame, min_length: int) -
     return Series(series_id, timestamps, candles)
 
 
-def parse_timestamps(values: pd.Series, field: str, label: object) -> pd.DatetimeIndex:
-    if values.isna().any():
-        raise KronosInputError(field, "must not contain empty timestamps", label)
-    try:
-        return pd.DatetimeIndex(pd.to_datetime(values))
-    except (ValueError, TypeError) as exc:
-        raise KronosInputError(field, f"not parseable as datetimes ({exc})", label) from exc
-
-
-def check_increasing(timestamps: pd.DatetimeIndex, field: str, label: object) -> None:
-    deltas = np.diff(timestamps.asi8)
-    if (deltas <= 0).any():
-        i = int(np.argmax(deltas <= 0))
-        kind = "duplicate" if deltas[i] == 0 else "decreasing"
+def check_strict_prices(prices: np.ndarray, label: object, rows: np.ndarray) -> None:
+    """prices [L, 4] open, high, low, close: all > 0, low <= open, close <= high."""
+    for j, name in enumerate(PRICE_COLUMNS):
+        bad = prices[:, j] <= 0
+        if bad.any():
+            i = int(bad.argmax())
+            raise KronosInputError(name, f"must be > 0 ({STRICT}), got {prices[i, j]:g} at row {rows[i]}", label)
+    open_, high, low, close = prices.T
+    bad = high < low
+    if bad.any():
+        i = int(bad.argmax())
         raise KronosInputError(
-            field,
-            f"must be strictly increasing; {kind} timestamp at row {i + 1} ({timestamps[i + 1]})",
-            label)
+            "high", f"must be >= low ({STRICT}), got high {high[i]:g} < low {low[i]:g} at row {rows[i]}", label)
+    for name, values in (("open", open_), ("close", close)):
+        bad = (values < low) | (values > high)
+        if bad.any():
+            i = int(bad.argmax())
+            raise KronosInputError(
+                name, f"must be within [low, high] ({STRICT}), got {values[i]:g} outside "
+                      f"[{low[i]:g}, {high[i]:g}] at row {rows[i]}", label)
+
+
+def _check_non_negative(values: np.ndarray, name: str, label: object, rows: np.ndarray) -> None:
+    bad = values < 0
+    if bad.any():
+        i = int(bad.argmax())
+        raise KronosInputError(name, f"must be >= 0 ({STRICT}), got {values[i]:g} at row {rows[i]}", label)
+
+
+def check_magnitude(values: np.ndarray, name: str, label: object, rows: np.ndarray, how: str = "") -> None:
+    """Every |value| within MAX_ABS_VALUE (`how` says how a derived column was made)."""
+    huge = np.abs(values) > MAX_ABS_VALUE
+    if huge.any():
+        i = int(huge.argmax())
+        raise KronosInputError(
+            name, f"magnitude must be <= {MAX_ABS_VALUE:g} (float32 normalisation), got {values[i]:g}"
+                  f"{f' ({how})' if how else ''} at row {rows[i]}", label)
 
 
 def normalise(candles: np.ndarray, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

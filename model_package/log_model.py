@@ -27,12 +27,19 @@ from .signature import input_example, kronos_signature
 PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_FILE = PACKAGE_DIR / "pyfunc_entry.py"
 
-# What the logged model needs to run: our pins (pyproject.toml), minus the serving stack.
+# What the logged model needs to run: our pins (pyproject.toml's core), minus the serving
+# stack. This is what a model server installs to load the pyfunc (`mlflow models serve`
+# with a virtualenv/conda env manager, `mlflow.pyfunc.spark_udf`, a Docker image built by
+# `mlflow models build-docker`). pandas stays `>=2.2` without the `<3` cap: the pyfunc works
+# with pandas 2 and 3 (`make test-pandas3`), and so does `mlflow models serve`; only the
+# MLServer layer needs pandas < 3, and its environment comes from the project's `serving`
+# extra (the Docker image, `make serve`), never from these requirements. Capping here
+# would force a pandas downgrade on every Spark or pandas-3 environment that loads the model.
 MODEL_REQUIREMENTS = [
     "torch==2.13.0",
     "mlflow==3.17.2",
     "numpy>=1.26",
-    "pandas>=2.2,<3",
+    "pandas>=2.2",
     "safetensors>=0.4",
     "huggingface_hub>=0.33",
     "pydantic-settings>=2.0",

@@ -1,12 +1,14 @@
 """The Kronos MLflow pyfunc: artifacts `tokenizer` and `model` in, forecast frames out.
 
-Logged as models-from-code (`model_package/pyfunc_entry.py`, see `log_model.py`). Servers
-that batch requests themselves call the two public pieces directly:
+Logged as models-from-code (`model_package/pyfunc_entry.py`, see `log_model.py`). A server
+that batches requests itself (the MLServer runtime) unwraps the python model and uses its
+`forecaster` and `settings` with the validation half of `predict`:
 
-    request = prepare_request(model.forecaster, history, params, settings)  # validates
-    outputs, stats = generate(forecaster.tokenizer, forecaster.model, request.inputs,
-                              forecaster.max_context, forecaster.mode)
-    frame = forecaster.finish(request, outputs).frame
+    request = prepare_request(model.forecaster, history, params, settings)  # validates, prices
+    cost = prepared_cost(model.forecaster, request)   # what its batcher budgets with
+
+then generates many prepared requests together (`serving/cohort.py`) and turns each one's
+outputs into its frame with `forecaster.finish(request, outputs)`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
-from .errors import KronosInputError
+from .budget import check_request_budget, request_cost
+from .errors import KronosInputError, brief, cut
 from .forecaster import KronosForecaster, PreparedRequest, SamplingParams
-from .frames import SERIES_ID
+from .frames import SERIES_ID, check_frame
 from .kronos import generate
 from .settings import ModelSettings
 from .signature import PARAM_SPECS
@@ -38,41 +41,50 @@ TRANSPORT_PARAMS = frozenset({"content_type", "headers"})
 
 
 # -- params -----------------------------------------------------------------------------------
+# Coercion from what the transports send to the types of SamplingParams, which then checks
+# the ranges (see its field comments and the README's params table).
+
+EXACT_FLOAT_INT = 2**53  # integral floats above this are not exact integers
+
 
 def _as_int(name: str, value: object) -> int:
-    """An integer from int, integral float (5.0) or a decimal string ("5")."""
+    """An integer from int, integral float (5.0, at most 2**53) or a decimal string ("5")."""
     if isinstance(value, (bool, np.bool_)):
-        raise KronosInputError(name, f"must be an integer, got {value!r}")
+        raise KronosInputError(name, f"must be an integer, got {brief(value)}")
     if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         return int(value)
     if isinstance(value, str):
         text = value.strip()
         try:
             return int(text)
-        except ValueError:
+        except ValueError:  # also for more than 4300 digits (Python's limit)
             try:
-                number = float(text)
+                value = float(text)
             except ValueError:
-                number = math.nan
-            if math.isfinite(number) and number.is_integer():
-                return int(number)
-    raise KronosInputError(name, f"must be an integer, got {value!r}")
+                raise KronosInputError(name, f"must be an integer, got {brief(value)}") from None
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        if abs(float(value)) > EXACT_FLOAT_INT:
+            raise KronosInputError(
+                name, f"must be an integer; a float above 2**53 is not exact, got {brief(value)}")
+        return int(value)
+    raise KronosInputError(name, f"must be an integer, got {brief(value)}")
 
 
 def _as_float(name: str, value: object) -> float:
-    """A float from int, float or a numeric string ("0.9")."""
+    """A float from int, float or a numeric string ("0.9"); finiteness is checked later."""
     if isinstance(value, (bool, np.bool_)):
-        raise KronosInputError(name, f"must be a number, got {value!r}")
+        raise KronosInputError(name, f"must be a number, got {brief(value)}")
     if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            raise KronosInputError(name, f"must be a finite number, got {brief(value)}") from None
     if isinstance(value, str):
         try:
             return float(value.strip())
         except ValueError:
             pass
-    raise KronosInputError(name, f"must be a number, got {value!r}")
+    raise KronosInputError(name, f"must be a number, got {brief(value)}")
 
 
 def _as_float_list(name: str, value: object) -> tuple[float, ...]:
@@ -86,14 +98,14 @@ def _as_float_list(name: str, value: object) -> tuple[float, ...]:
         if text.startswith("["):
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise KronosInputError(name, f"not a JSON list of numbers: {value!r}") from exc
+            except (ValueError, RecursionError) as exc:
+                raise KronosInputError(name, f"not a JSON list of numbers: {brief(value)}") from exc
         else:
             value = text.split(",")
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
-        raise KronosInputError(name, f"must be a list of numbers, got {value!r}")
+        raise KronosInputError(name, f"must be a list of numbers, got {brief(value)}")
     return tuple(_as_float(name, item) for item in value)
 
 
@@ -101,38 +113,63 @@ def _as_optional_str(name: str, value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise KronosInputError(name, f"must be a string, got {value!r}")
+        raise KronosInputError(name, f"must be a string, got {brief(value)}")
     return value.strip() or None
+
+
+_TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
+
+
+def _as_bool(name: str, value: object) -> bool:
+    """A boolean from bool, 0/1 or the strings "true"/"false"/"1"/"0" (any case)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise KronosInputError(name, f"must be true or false, got {brief(value)}")
 
 
 def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
     """Coerce request params to their signature types, fill defaults and validate.
 
     Accepts what every transport can send: ints as integral floats (5.0) or strings ("5"),
-    floats as strings ("0.9"), quantiles as a list, a JSON list or "0.1,0.9"; None or ""
-    for `seed`/`freq` means "not given". Unknown names are refused (typos would otherwise
-    be silently ignored), except the V2 transport keys `content_type` and `headers`.
+    floats as strings ("0.9"), quantiles as a list, a JSON list or "0.1,0.9", booleans as
+    "true"/"false"; None or "" for `seed`/`freq` means "not given". Unknown names are
+    refused (typos would otherwise be silently ignored), except the V2 transport keys
+    `content_type` and `headers`. Defaults: `SamplingParams`.
     """
-    given = {k: v for k, v in (params or {}).items() if k not in TRANSPORT_PARAMS}
-    unknown = sorted(set(given) - set(PARAM_SPECS))
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise KronosInputError("params", f"must be an object of name -> value, got {type(params).__name__}")
+    given = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS}
+    unknown = sorted(k if isinstance(k, str) and k.isidentifier() else brief(k)  # '' and 'seed ' visible
+                     for k in given if k not in PARAM_SPECS)
     if unknown:
-        raise KronosInputError(", ".join(unknown),
+        raise KronosInputError(cut(", ".join(unknown), 120),
                                f"unknown param (known: {', '.join(PARAM_SPECS)})")
-    values = {name: default for name, (_, default, _) in PARAM_SPECS.items()}
-    values.update({k: v for k, v in given.items() if v is not None})
-    seed = values["seed"]
+    values = {k: v for k, v in given.items() if v is not None}
+    seed = values.get("seed")
     if isinstance(seed, str) and not seed.strip():
         seed = None
-    return SamplingParams(
-        pred_len=_as_int("pred_len", values["pred_len"]),
-        temperature=_as_float("temperature", values["temperature"]),
-        top_k=_as_int("top_k", values["top_k"]),
-        top_p=_as_float("top_p", values["top_p"]),
-        sample_count=_as_int("sample_count", values["sample_count"]),
-        seed=None if seed is None else _as_int("seed", seed),
-        quantiles=_as_float_list("quantiles", values["quantiles"]),
-        freq=_as_optional_str("freq", values["freq"]),
-    )
+    coerced: dict[str, Any] = {}
+    for name in ("pred_len", "top_k", "sample_count"):
+        if name in values:
+            coerced[name] = _as_int(name, values[name])
+    for name in ("temperature", "top_p"):
+        if name in values:
+            coerced[name] = _as_float(name, values[name])
+    if seed is not None:
+        coerced["seed"] = _as_int("seed", seed)
+    if "quantiles" in values:
+        coerced["quantiles"] = _as_float_list("quantiles", values["quantiles"])
+    if "freq" in values:
+        coerced["freq"] = _as_optional_str("freq", values["freq"])
+    if "strict_candles" in values:
+        coerced["strict_candles"] = _as_bool("strict_candles", values["strict_candles"])
+    return SamplingParams(**coerced)  # fills the defaults, checks the ranges
 
 
 # -- limits -----------------------------------------------------------------------------------
@@ -144,7 +181,8 @@ def _over(field: str, limit_name: str, limit: int, value: int, series: object | 
 
 def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: SamplingParams,
                  settings: ModelSettings) -> None:
-    """Refuse requests over the configured limits (cheap: counts rows, builds nothing)."""
+    """Refuse requests over the configured limits and the per-request budget (cheap: counts
+    rows, builds nothing)."""
     max_pred_len = min(settings.max_pred_len, forecaster.max_context)
     if params.pred_len > max_pred_len:
         name = "max_pred_len" if max_pred_len == settings.max_pred_len else "model max_context"
@@ -154,8 +192,7 @@ def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: Sa
                     params.sample_count)
     if len(params.quantiles) > settings.max_quantiles:
         raise _over("quantiles", "max_quantiles", settings.max_quantiles, len(params.quantiles))
-    if not isinstance(history, pd.DataFrame):
-        raise KronosInputError("history", f"must be a pandas DataFrame, got {type(history).__name__}")
+    check_frame(history)  # type, columns and series ids, so that counting them is safe
     if SERIES_ID in history.columns:
         sizes = history.groupby(SERIES_ID, sort=False, dropna=True).size()
     else:
@@ -167,6 +204,9 @@ def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: Sa
         label = sizes.idxmax()
         raise _over("history", "max_history_candles", settings.max_history_candles,
                     int(sizes.max()), label if label is not None else "<single>")
+    cost = request_cost(forecaster, [int(n) for n in sizes], params.pred_len, params.sample_count,
+                        len(history))
+    check_request_budget(cost, settings)
 
 
 def prepare_request(forecaster: KronosForecaster, model_input: pd.DataFrame,
@@ -216,6 +256,6 @@ class KronosPyfuncModel(PythonModel):
         """Forecast every series of `model_input` (long format) with the sampling params."""
         try:
             request = prepare_request(self.forecaster, model_input, params, self.settings)
+            return run_request(self.forecaster, request)
         except KronosInputError as exc:
             raise invalid_input(exc) from exc
-        return run_request(self.forecaster, request)

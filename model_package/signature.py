@@ -9,32 +9,50 @@ doubles (mean over the sampled paths). When the `quantiles` param is given, one 
 double column `{column}_q{level}` per candle column and level follows (e.g. `close_q0.1`);
 these are not in the output schema because their names depend on the request.
 
-Params (all optional): see `PARAM_SPECS`. `seed` and `freq` default to None, meaning
+Params (all optional): see `PARAM_SPECS`, derived from `SamplingParams` (its fields, their
+types and defaults: one source of truth). `seed` and `freq` default to None, meaning
 "fresh randomness" and "infer the spacing from each series".
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import cast
 
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import DataType
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from .forecaster import DEFAULT_PRED_LEN, SamplingParams
 from .frames import AMOUNT, CANDLE_COLUMNS, PRICE_COLUMNS, SERIES_ID, TIMESTAMP, VOLUME
 
-DEFAULT_PRED_LEN = 10
+__all__ = ["DEFAULT_PRED_LEN", "PARAM_SPECS", "input_example", "kronos_signature"]
 
-# name -> (type, default, shape); shape (-1,) marks a list param.
-PARAM_SPECS: dict[str, tuple[DataType, object, tuple[int, ...] | None]] = {
-    "pred_len": (DataType.long, DEFAULT_PRED_LEN, None),  # forecast steps per series
-    "temperature": (DataType.double, 1.0, None),  # > 0; logits are divided by it
-    "top_k": (DataType.long, 0, None),  # 0 = off; 1 = greedy
-    "top_p": (DataType.double, 0.9, None),  # nucleus mass in (0, 1]; ignored when top_k > 0
-    "sample_count": (DataType.long, 1, None),  # sampled paths per series (output = mean)
-    "seed": (DataType.long, None, None),  # None = fresh randomness
-    "quantiles": (DataType.double, [], (-1,)),  # levels in (0, 1) -> {column}_q{level} columns
-    "freq": (DataType.string, None, None),  # pandas offset alias ("B", "5min"); None = infer
+# SamplingParams field annotation -> (MLflow type, shape); shape (-1,) marks a list param.
+_MLFLOW_TYPES: dict[str, tuple[DataType, tuple[int, ...] | None]] = {
+    "int": (DataType.long, None),
+    "int | None": (DataType.long, None),
+    "float": (DataType.double, None),
+    "bool": (DataType.boolean, None),
+    "str | None": (DataType.string, None),
+    "tuple[float, ...]": (DataType.double, (-1,)),
 }
+
+
+def _param_specs() -> dict[str, tuple[DataType, object, tuple[int, ...] | None]]:
+    specs = {}
+    for item in dataclasses.fields(SamplingParams):
+        dtype, shape = _MLFLOW_TYPES[str(item.type)]
+        default: object = item.default
+        if shape is not None:
+            default = list(cast(tuple, item.default))  # MLflow wants a list
+        specs[item.name] = (dtype, default, shape)
+    return specs
+
+
+# name -> (type, default, shape), in SamplingParams' field order (meanings: its comments).
+PARAM_SPECS: dict[str, tuple[DataType, object, tuple[int, ...] | None]] = _param_specs()
 
 
 def input_schema() -> Schema:

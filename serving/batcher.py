@@ -1,11 +1,14 @@
 """Series-aware continuous batching: many requests, shared generation steps, each its own result.
 
-Requests are validated (`KronosForecaster.prepare`) before they get here, so a bad request
-never reaches the worker. When the worker is idle, the batcher collects queued requests for
-at most `max_batch_time_s` after the oldest arrived and up to `max_batch_series` series and
-hands them over as one cohort (`serving.cohort`). While the worker runs, newly queued
-requests are handed over at once and join at its next step, as long as the running series
-leave room under `max_batch_series`; every cohort is answered as soon as it is done.
+Requests are validated (`KronosForecaster.prepare`) and priced (`model_package.budget`)
+before they get here, so a bad request never reaches the worker. Every request carries its
+cost (memory bytes, candles): the queue holds at most `queue_budget_bytes` of requests
+(beyond: `OverloadedError`, a 503), and the generations running at once at most
+`running_budget_bytes` and `max_batch_series` series. When the worker is idle, the batcher
+collects queued requests for at most `max_batch_time_s` after the oldest arrived and hands
+them over as one cohort (`serving.cohort`). While the worker runs, newly queued requests
+are handed over at once and join at its next step, as long as the running requests leave
+room in both bounds; every cohort is answered as soon as it is done.
 Outputs are split back by position, never by series id, so two requests with the same
 `series_id` (or different horizons and sampling settings) cannot mix.
 
@@ -28,21 +31,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from model_package.budget import prepared_cost
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
+from model_package.kronos.cost import GenerationCost
 
-from .cohort import AbandonedError, Cohort, CohortRunner
+from .cohort import AbandonedError, Cohort, CohortRunner, cohorts_within_cost
 from .memory import trim_heap
+from .settings import MIB, ServingSettings
 
 logger = logging.getLogger("kronos.serving.batcher")
+DEADLINE, CANCELLED = "deadline", "cancelled"  # why a request's series were dropped
 
 
 class OverloadedError(Exception):
-    """The queue is full; retry after `retry_after_s` seconds."""
+    """The queue's budget is taken; retry after `retry_after_s` seconds."""
 
-    def __init__(self, queued: int, capacity: int, retry_after_s: int) -> None:
+    def __init__(self, queued_bytes: int, budget_bytes: int, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(f"server overloaded: {queued} of {capacity} queued series slots taken; "
-                         f"retry after {retry_after_s} s")
+        super().__init__(f"server overloaded: {queued_bytes / MIB:.0f} MiB of the queue's "
+                         f"{budget_bytes / MIB:.0f} MiB budget taken; retry after {retry_after_s} s")
 
 
 class DeadlineExceededError(Exception):
@@ -60,23 +67,28 @@ class BatcherClosedError(Exception):
 class BatchObserver(Protocol):
     """Hooks for metrics; every method is called on the event loop or the worker thread."""
 
-    def queue_changed(self, series: int) -> None: ...
+    def queue_changed(self, series: int, cost_bytes: int) -> None: ...
+    def running_changed(self, series: int, cost_bytes: int) -> None: ...
     def waited(self, seconds: float) -> None: ...
-    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None: ...
+    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None: ...
     def stepped(self, series: int) -> None: ...
     def progressed(self, timestamp: float) -> None: ...
+    def abandoned(self, series: int, reason: str) -> None: ...
 
 
 class NullObserver:
     """Observer that records nothing."""
 
-    def queue_changed(self, series: int) -> None:
+    def queue_changed(self, series: int, cost_bytes: int) -> None:
+        pass
+
+    def running_changed(self, series: int, cost_bytes: int) -> None:
         pass
 
     def waited(self, seconds: float) -> None:
         pass
 
-    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
         pass
 
     def stepped(self, series: int) -> None:
@@ -86,25 +98,33 @@ class NullObserver:
         pass
 
 
+_SERVING_DEFAULTS = ServingSettings.model_fields
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
-    """Batch shape and queue bound (all in series, times in seconds)."""
+    """Batch shape (series, seconds) and budgets (bytes of request costs). The batch shape
+    defaults are the server's (model-settings.json may override them); the budgets and
+    Retry-After default to `ServingSettings`'."""
 
     max_batch_series: int = 64
     max_batch_time_s: float = 0.05
-    queue_capacity_series: int = 256
-    retry_after_s: int = 2
+    running_budget_bytes: int = int(_SERVING_DEFAULTS["running_budget_mb"].default * MIB)
+    queue_budget_bytes: int = int(_SERVING_DEFAULTS["queue_budget_mb"].default * MIB)
+    retry_after_s: int = _SERVING_DEFAULTS["retry_after_s"].default
 
 
 @dataclass(eq=False)
 class _Job:
     forecaster: KronosForecaster
     request: PreparedRequest
+    cost: GenerationCost
     future: asyncio.Future
     deadline: float  # time.monotonic() seconds
     deadline_s: float
     enqueued: float
     cancelled: bool = False  # read by the worker thread at every step
+    reason: str = ""  # why it was cancelled: "deadline" or "cancelled" (the client left)
     started: float | None = None  # time.monotonic() when it was handed to the worker
     finished: float | None = None  # time.monotonic() when it was answered
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -113,26 +133,32 @@ class _Job:
     def n_series(self) -> int:
         return len(self.request.series)
 
+    @property
+    def n_bytes(self) -> int:
+        return self.cost.memory_bytes
+
 
 class SeriesBatcher:
-    """Queue + one worker thread running shared generation passes."""
+    """A budgeted queue and one worker thread stepping all running generations together."""
 
     def __init__(self, config: BatcherConfig, observer: BatchObserver | None = None) -> None:
         self.config = config
         self.observer: BatchObserver = observer or NullObserver()
         self._queue: deque[_Job] = deque()
         self._queued_series = 0
+        self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kronos-gen")
         self._task: asyncio.Task | None = None
         self._closing = False
         self._running_series = 0  # handed to the worker and not answered yet (event loop)
+        self._running_bytes = 0
         self._lock = threading.Lock()  # guards _inbox and _worker_running
         self._inbox: list[list[_Job]] = []  # cohorts handed over, not started yet
         self._worker_running = False
         self.worker_started: float | None = None  # time.time() the worker started, or None
         self.last_progress: float = time.time()
-        self.passes = 0  # cohorts answered
+        self.cohorts_answered = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -159,6 +185,14 @@ class SeriesBatcher:
     def queued_series(self) -> int:
         return self._queued_series
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def running_bytes(self) -> int:
+        return self._running_bytes
+
     def stalled_for(self) -> float:
         """Seconds since the worker last made progress (0 when idle)."""
         if self.worker_started is None:
@@ -168,37 +202,39 @@ class SeriesBatcher:
     # -- submitting ------------------------------------------------------------------------
 
     def reject_if_full(self) -> None:
-        """Refuse at once, before a request is even decoded, when no series fits any more."""
-        capacity = self.config.queue_capacity_series
-        if self._queued_series >= capacity:
-            raise OverloadedError(self._queued_series, capacity, self.config.retry_after_s)
+        """Refuse at once, before a request is even decoded, when the queue's budget is taken."""
+        budget = self.config.queue_budget_bytes
+        if self._queued_bytes >= budget:
+            raise OverloadedError(self._queued_bytes, budget, self.config.retry_after_s)
 
     async def submit(self, forecaster: KronosForecaster, request: PreparedRequest,
-                     deadline_s: float, timings: dict[str, float] | None = None) -> Forecast:
-        """Queue a validated request and wait for its forecast.
+                     deadline_s: float, timings: dict[str, float] | None = None,
+                     cost: GenerationCost | None = None) -> Forecast:
+        """Queue a validated request of `cost` (default: priced here) and wait for its forecast.
 
-        Raises OverloadedError at once when the queue has no room for its series, and
+        Raises OverloadedError at once when the queue's budget has no room for its cost, and
         DeadlineExceededError when `deadline_s` passes first (its series are then abandoned at
-        the next generation step).
+        the next generation step). When the awaiting task is cancelled (the client went
+        away), the request leaves the queue, or its series leave generation at the next step.
         """
         if self._closing:
             raise BatcherClosedError("the model is being unloaded")
-        n = len(request.series)
-        capacity = self.config.queue_capacity_series
-        if self._queued_series + n > capacity:
-            raise OverloadedError(self._queued_series, capacity, self.config.retry_after_s)
+        cost = cost if cost is not None else prepared_cost(forecaster, request)
+        budget = self.config.queue_budget_bytes
+        if self._queued_bytes + cost.memory_bytes > budget:
+            raise OverloadedError(self._queued_bytes, budget, self.config.retry_after_s)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        job = _Job(forecaster, request, loop.create_future(), now + deadline_s, deadline_s, now)
+        job = _Job(forecaster, request, cost, loop.create_future(), now + deadline_s, deadline_s, now)
         job.timer = loop.call_later(deadline_s, self._expire, job)
         self._queue.append(job)
-        self._set_queued(self._queued_series + n)
+        self._set_queued(self._queued_series + job.n_series, self._queued_bytes + job.n_bytes)
         self._wakeup.set()
         try:
             return await job.future
         finally:
             if not job.future.done() or job.future.cancelled():  # client went away
-                job.cancelled = True
+                job.cancelled, job.reason = True, job.reason or CANCELLED
                 self._dequeue(job)
             if job.timer is not None:
                 job.timer.cancel()
@@ -209,18 +245,22 @@ class SeriesBatcher:
                     timings["inference_s"] = (job.finished or end) - job.started
 
     def _expire(self, job: _Job) -> None:
-        job.cancelled = True
+        job.cancelled, job.reason = True, job.reason or DEADLINE
         self._dequeue(job)
         self._settle(job, DeadlineExceededError(job.deadline_s))
 
     def _dequeue(self, job: _Job) -> None:
         with contextlib.suppress(ValueError):
             self._queue.remove(job)
-            self._set_queued(self._queued_series - job.n_series)
+            self._set_queued(self._queued_series - job.n_series, self._queued_bytes - job.n_bytes)
 
-    def _set_queued(self, series: int) -> None:
-        self._queued_series = series
-        self.observer.queue_changed(series)
+    def _set_queued(self, series: int, cost_bytes: int) -> None:
+        self._queued_series, self._queued_bytes = series, cost_bytes
+        self.observer.queue_changed(series, cost_bytes)
+
+    def _set_running(self, series: int, cost_bytes: int) -> None:
+        self._running_series, self._running_bytes = series, cost_bytes
+        self.observer.running_changed(series, cost_bytes)
 
     @staticmethod
     def _settle(job: _Job, outcome: Forecast | BaseException) -> None:
@@ -235,7 +275,7 @@ class SeriesBatcher:
 
     async def _run(self) -> None:
         """Hand queued requests to the worker: after a batch window when it is idle, at once
-        (to join at its next step) while it runs, as long as running series leave room."""
+        (to join at its next step) while it runs, as long as running requests leave room."""
         while True:
             if self._closing and not self._queue and self._running_series == 0:
                 return
@@ -247,7 +287,8 @@ class SeriesBatcher:
             if self._running_series == 0:
                 await self._collect()
                 room = self.config.max_batch_series
-            jobs = self._take_batch(room, alone_ok=self._running_series == 0)
+            jobs = self._take_batch(room, self.config.running_budget_bytes - self._running_bytes,
+                                    alone_ok=self._running_series == 0)
             if not jobs:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -256,7 +297,8 @@ class SeriesBatcher:
             for job in jobs:
                 job.started = now
                 self.observer.waited(now - job.enqueued)
-            self._running_series += sum(job.n_series for job in jobs)
+            self._set_running(self._running_series + sum(job.n_series for job in jobs),
+                              self._running_bytes + sum(job.n_bytes for job in jobs))
             self._hand_over(jobs)
 
     async def _collect(self) -> None:
@@ -270,22 +312,25 @@ class SeriesBatcher:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
-    def _take_batch(self, room: int, alone_ok: bool) -> list[_Job]:
-        """Jobs of the head job's forecaster that fit in `room` series, in queue order; the
-        head job alone even when it is larger (`alone_ok`, nothing else running)."""
+    def _take_batch(self, room: int, room_bytes: int, alone_ok: bool) -> list[_Job]:
+        """Jobs of the head job's forecaster that fit in `room` series and `room_bytes` of
+        the running budget, in queue order; the head job alone even when it is larger
+        (`alone_ok`, nothing else running: every accepted request fits the budget alone)."""
         if not self._queue:
             return []
         head = self._queue[0]
-        jobs, series, kept = [], 0, deque()
+        jobs, series, cost, kept = [], 0, 0, deque()
         for job in self._queue:
-            fits = series + job.n_series <= room or (alone_ok and not jobs)
+            fits = ((series + job.n_series <= room and cost + job.n_bytes <= room_bytes)
+                    or (alone_ok and not jobs))
             if job.forecaster is head.forecaster and fits:
                 jobs.append(job)
                 series += job.n_series
+                cost += job.n_bytes
             else:
                 kept.append(job)
         self._queue = kept
-        self._set_queued(self._queued_series - series)
+        self._set_queued(self._queued_series - series, self._queued_bytes - cost)
         return jobs
 
     def _hand_over(self, jobs: list[_Job]) -> None:
@@ -312,12 +357,15 @@ class SeriesBatcher:
         for job, outcome in zip(jobs, results, strict=True):
             job.finished = finished
             if isinstance(outcome, AbandonedError):
+                if seconds is not None:  # its series left a running generation
+                    self.observer.abandoned(job.n_series, job.reason or DEADLINE)
                 outcome = DeadlineExceededError(job.deadline_s)
             self._settle(job, outcome)
-        self._running_series -= sum(job.n_series for job in jobs)
+        self._set_running(self._running_series - sum(job.n_series for job in jobs),
+                          self._running_bytes - sum(job.n_bytes for job in jobs))
         if seconds is not None:
-            self.passes += 1
-            self.observer.pass_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
+            self.cohorts_answered += 1
+            self.observer.cohort_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
         self._wakeup.set()
 
     # -- the worker thread ---------------------------------------------------------------
@@ -336,7 +384,7 @@ class SeriesBatcher:
                         self.worker_started = None
                         break
                 failed = []
-                for jobs in _cohorts_of(arrived):
+                for jobs in self._cohorts_of(arrived):
                     live = [job for job in jobs if not job.cancelled]  # expired while handed over
                     if len(live) < len(jobs):
                         gone = [job for job in jobs if job.cancelled]
@@ -368,7 +416,8 @@ class SeriesBatcher:
         def stop(j: int) -> bool:
             return jobs[j].cancelled or time.monotonic() >= jobs[j].deadline
 
-        return Cohort(jobs[0].forecaster, [job.request for job in jobs], stop, self._progressed, jobs)
+        return Cohort(jobs[0].forecaster, [job.request for job in jobs], stop, self._progressed, jobs,
+                      sum(job.n_bytes for job in jobs))
 
     def _progressed(self) -> None:
         self.last_progress = time.time()
@@ -380,13 +429,17 @@ class SeriesBatcher:
         loop.call_soon_threadsafe(self._complete, cohort.jobs, results, seconds, cohort.candles)
 
 
-def _cohorts_of(handed: list[list[_Job]]) -> list[list[_Job]]:
-    """Jobs handed over during one step as few cohorts as possible (fewer, larger cohorts
-    step faster): one per forecaster, with the one-path requests apart from the others
-    because only those can merge into a running generation."""
-    merged: dict[tuple[int, bool], list[_Job]] = {}
-    for jobs in handed:
-        for job in jobs:
-            one_path = job.request.params.sample_count == 1
-            merged.setdefault((id(job.forecaster), one_path), []).append(job)
-    return list(merged.values())
+    @staticmethod
+    def _cohorts_of(handed: list[list[_Job]]) -> list[list[_Job]]:
+        """Jobs handed over during one step as few cohorts as possible (fewer, larger cohorts
+        step faster): per forecaster, the one-path requests apart from the others (only those
+        can merge into a running generation), and split where generating them together
+        would need more memory than their costs add up to (prefixes and horizons are padded
+        to the longest in a cohort)."""
+        merged: dict[tuple[int, bool], list[_Job]] = {}
+        for jobs in handed:
+            for job in jobs:
+                one_path = job.request.params.sample_count == 1
+                merged.setdefault((id(job.forecaster), one_path), []).append(job)
+        return [cohort for jobs in merged.values()
+                for cohort in cohorts_within_cost(jobs)]

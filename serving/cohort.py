@@ -2,8 +2,9 @@
 
 A cohort is the requests handed to the worker together. It is tokenized and prefilled as
 a new `Generation`; when a running generation of the same model can take it (exact mode,
-one path per series, still young), it is merged into that one and becomes one of its
-parts, otherwise it runs as a generation of its own. Every step, all generations of one
+one path per series, still young) without needing more memory than both were charged
+(`model_package.kronos.cost`), it is merged into that one and becomes one of its parts,
+otherwise it runs as a generation of its own. Every step, all generations of one
 model step together (one trunk pass), and every cohort is answered as soon as its own
 series are finished. Results are split back by position (`owner`), never by series id,
 so requests cannot mix.
@@ -17,8 +18,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from model_package.budget import network_shape
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
 from model_package.kronos import (
     Generation,
@@ -29,8 +31,51 @@ from model_package.kronos import (
     generate,
     step_together,
 )
+from model_package.kronos.cost import GenerationCost, SeriesWork, generation_cost
 
 logger = logging.getLogger("kronos.serving.cohort")
+
+
+def request_work(requests: Sequence[PreparedRequest], joined_at: int = 0) -> list[SeriesWork]:
+    """The series of `requests` as cost-model work; `joined_at` steps of a running
+    generation lengthen their horizon there (their suffix columns start at its start)."""
+    return [SeriesWork(int(s.candles.shape[0]), joined_at + s.pred_len, s.sample_count)
+            for r in requests for s in r.inputs]
+
+
+class PricedRequest(Protocol):
+    """A request handed to the worker with its forecaster and its cost."""
+
+    forecaster: KronosForecaster
+    request: PreparedRequest
+    cost: GenerationCost
+
+
+P = TypeVar("P", bound=PricedRequest)
+
+
+def cohorts_within_cost(jobs: Sequence[P]) -> list[list[P]]:
+    """Split `jobs` (of one forecaster, in order) into runs that can be generated together
+    within the sum of their costs: a job joins the current run when the run's padded
+    generation cost with it stays within what the run's jobs were charged."""
+    runs: list[list[P]] = []
+    charged = 0
+    for job in jobs:
+        if runs:
+            together = [other.request for other in runs[-1]] + [job.request]
+            if padded_bytes(job.forecaster, request_work(together)) <= charged + job.cost.memory_bytes:
+                runs[-1].append(job)
+                charged += job.cost.memory_bytes
+                continue
+        runs.append([job])
+        charged = job.cost.memory_bytes
+    return runs
+
+
+def padded_bytes(forecaster: KronosForecaster, work: Sequence[SeriesWork]) -> int:
+    """Memory of generating `work` as one batch (padding included), request inputs excluded
+    (those were charged with each request already)."""
+    return generation_cost(network_shape(forecaster), work, forecaster.mode, history_rows=0).memory_bytes
 
 
 class AbandonedError(Exception):
@@ -46,6 +91,7 @@ class Cohort:
     stop: Callable[[int], bool]  # request index -> True once it should be dropped
     progressed: Callable[[], None]  # called after every generation step
     jobs: list[Any] = field(default_factory=list)  # the caller's handles, in request order
+    charged_bytes: int = 0  # memory charged for these requests (sum of their costs)
     owner: list[int] = field(init=False)
     generation: Generation | None = None  # the generation its part lives in
     part: Part | None = None
@@ -148,7 +194,7 @@ class CohortRunner:
         self.cohorts.append(cohort)
         if generation is None:
             return []
-        host = next((g for g in self.generations if g.can_admit(generation)), None)
+        host = next((g for g in self.generations if g.can_admit(generation) and self._fits(g, cohort)), None)
         if host is None:
             self.generations.append(generation)
             return []
@@ -158,6 +204,16 @@ class CohortRunner:
             logger.exception("merging a cohort failed; rerunning the generation's requests alone")
             return self._drop(lambda c: c.generation is host or c is cohort, [host])
         return []
+
+    def _fits(self, host: Generation, cohort: Cohort) -> bool:
+        """Merging `cohort` into `host` needs no more memory than both were charged (the
+        merged prefixes and suffixes are padded to the longest; newcomers' columns start at
+        the host's first step)."""
+        charged = cohort.charged_bytes + sum(c.charged_bytes for c in self.cohorts
+                                             if c.generation is host and not c.done)
+        host_work = [SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
+                     for s, join in zip(host.series, host.series_join, strict=True)]
+        return padded_bytes(cohort.forecaster, host_work + request_work(cohort.requests, host.step)) <= charged
 
     def step(self) -> list[Cohort]:
         """One step of every generation (those of one model together); returns the

@@ -1,5 +1,5 @@
 """Client-facing errors of the runtime, as MLServer errors so that their HTTP status (and
-the matching gRPC code, see `serving.mlserver_patches`) survives MLServer's worker hop."""
+the matching gRPC code, see `serving.patches.status`) survives MLServer's worker hop."""
 
 from __future__ import annotations
 

@@ -41,12 +41,14 @@ headers or other request contents, and error texts are shortened and scrubbed of
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import logging
 import math
 import re
 import sys
+import uuid
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -57,13 +59,18 @@ REQUEST_ID_HEADER = "x-request-id"
 MAX_ERROR_CHARS = 300
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The request a task is serving (set where a request enters the process: the REST middleware,
+# the gRPC servicer); every log line written meanwhile carries it.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kronos_request_id", default=None)
 _CREDENTIAL = re.compile(
     r"(?i)\b(authorization|token|password|passwd|secret|api[_-]?key)\b\s*[=:]\s*"
     r"(?:(?:bearer|basic)\s+)?[^\s,;&]+"
     r"|\b(bearer)\s+[^\s,;&]+")
-# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+# Attributes every LogRecord has; anything else on a record came in through `extra=`
+# (uvicorn's `color_message` repeats the message with terminal colour codes).
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"}
+    "message", "asctime", "taskName", "color_message"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -94,6 +101,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_") and key not in entry:
                 entry[key] = _jsonable(value)
+        if entry.get("request_id") is None and current_request_id.get() is not None:
+            entry["request_id"] = current_request_id.get()
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -156,6 +165,15 @@ def request_id_from(headers: Mapping[str, Any] | None) -> str | None:
                 return value.strip()
             return None
     return None
+
+
+def well_formed_request_id(value: str | bytes | None) -> str:
+    """`value` when it follows the gateway's rule, else a newly generated id."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, str) and _REQUEST_ID.match(value.strip()):
+        return value.strip()
+    return uuid.uuid4().hex
 
 
 def _safe_error(error: BaseException | str | None) -> str | None:

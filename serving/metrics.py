@@ -15,12 +15,19 @@ from typing import TypeVar
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-# Seconds: sub-second GPU passes up to CPU forecasts that take many minutes.
+from .batcher import CANCELLED, DEADLINE
+
+# Seconds: sub-second GPU forecasts up to CPU forecasts that take many minutes.
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180,
                    300, 600, 1200, 1800)
 SERIES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "error")
+BYTES_GAUGE_HELP = "Memory of the requests {} (bytes, their costs)"
+# ok: answered; invalid: 400; overloaded: 503 (queue budget); timeout: 504 (deadline);
+# cancelled: the client went away (disconnect, gRPC cancel or deadline) before the answer;
+# unavailable: 503 (model not loaded / unloading); error: 500.
+ABANDON_REASONS = (DEADLINE, CANCELLED)
+OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "unavailable", "error")
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -65,14 +72,31 @@ class KronosMetrics:
         self.batch_requests = _get_or_create(
             Histogram, "kronos_batch_requests", "Requests per cohort (admitted together)", r,
             buckets=REQUESTS_BUCKETS)
+        self.abandoned_series = _get_or_create(
+            Counter, "kronos_abandoned_series_total",
+            "Series dropped from a running generation (reason: deadline, cancelled by the client)",
+            r, labelnames=("reason",))
+        for reason in ABANDON_REASONS:  # exported from the start, at 0
+            self.abandoned_series.labels(reason)
         self.generated_candles = _get_or_create(
             Counter, "kronos_generated_candles_total",
             "Candles generated (series x sample paths x steps)", r)
         self.queue_series = _get_or_create(
-            Gauge, "kronos_queue_series", "Series waiting for a pass", r,
+            Gauge, "kronos_queue_series", "Series waiting for the generation worker", r,
             multiprocess_mode="livesum")
-        self.queue_capacity = _get_or_create(
-            Gauge, "kronos_queue_capacity_series", "Series the queue can hold", r,
+        self.queue_bytes = _get_or_create(
+            Gauge, "kronos_queue_cost_bytes", BYTES_GAUGE_HELP.format("waiting"), r,
+            multiprocess_mode="livesum")
+        self.queue_budget = _get_or_create(
+            Gauge, "kronos_queue_budget_bytes", "Cost the queue may hold (bytes); beyond: 503", r,
+            multiprocess_mode="livesum")
+        self.running_series = _get_or_create(
+            Gauge, "kronos_running_series", "Series in generation", r, multiprocess_mode="livesum")
+        self.running_bytes = _get_or_create(
+            Gauge, "kronos_running_cost_bytes", BYTES_GAUGE_HELP.format("in generation"), r,
+            multiprocess_mode="livesum")
+        self.running_budget = _get_or_create(
+            Gauge, "kronos_running_budget_bytes", "Cost the running generations may have (bytes)", r,
             multiprocess_mode="livesum")
         self.model_info = _get_or_create(
             Gauge, "kronos_model_info", "The served model (1 = serving this one)", r,
@@ -85,7 +109,7 @@ class KronosMetrics:
             multiprocess_mode="livemax")
         self.last_progress = _get_or_create(
             Gauge, "kronos_last_progress_timestamp_seconds",
-            "Unix time of the last generation step or finished pass", r,
+            "Unix time of the last generation step or answered cohort", r,
             multiprocess_mode="livemax")
         self.resident_memory = _get_or_create(
             Gauge, "kronos_worker_resident_memory_bytes", "Resident memory of the worker (bytes)",
@@ -93,13 +117,18 @@ class KronosMetrics:
 
     # -- BatchObserver ---------------------------------------------------------------------
 
-    def queue_changed(self, series: int) -> None:
+    def queue_changed(self, series: int, cost_bytes: int) -> None:
         self.queue_series.set(series)
+        self.queue_bytes.set(cost_bytes)
+
+    def running_changed(self, series: int, cost_bytes: int) -> None:
+        self.running_series.set(series)
+        self.running_bytes.set(cost_bytes)
 
     def waited(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
 
-    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
         self.inference_seconds.observe(seconds)
         self.batch_series.observe(series)
         self.batch_requests.observe(requests)
@@ -111,6 +140,9 @@ class KronosMetrics:
 
     def progressed(self, timestamp: float) -> None:
         self.last_progress.set(timestamp)
+
+    def abandoned(self, series: int, reason: str) -> None:
+        self.abandoned_series.labels(reason).inc(series)
 
     # -- model state -----------------------------------------------------------------------
 

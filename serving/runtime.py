@@ -5,8 +5,13 @@ module decodes requests, validates them with the pyfunc's own `prepare_request`,
 them to `SeriesBatcher` and maps the outcome to a V2 response or an MLServer error.
 
 MLServer's adaptive batcher concatenates requests row-wise and corrupts forecasts (see
-serving-notes.md), so `max_batch_size` / `max_batch_time` from model-settings.json are
-taken over for our series-aware batcher and MLServer's own is switched off.
+docs/serving-design.md), so `max_batch_size` / `max_batch_time` from model-settings.json
+are taken over for our series-aware batcher and MLServer's own is switched off.
+
+Every request is priced before it is queued (`model_package.budget`): over the
+per-request budget it is a 400, when the queue's budget is taken a 503. A request whose
+client went away is cancelled here (see `serving.patches.workers`) and leaves generation
+at the next step.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
+import uuid
 from typing import Any
 
 import pandas as pd
@@ -29,9 +34,11 @@ from mlserver.settings import ModelSettings as MLServerModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
 from model_package import KronosInputError
+from model_package.budget import prepared_cost
 from model_package.pyfunc import prepare_request
+from model_package.scoring import parse_scoring_request
 
-from . import mlserver_patches
+from . import patches
 from .batcher import (
     BatcherClosedError,
     BatcherConfig,
@@ -47,20 +54,17 @@ from .errors import (
     ServerOverloadedError,
 )
 from .loader import LoadedModel, load_model, resolve_uri
-from .logs import configure_json_logging, log_request, request_id_from
+from .logs import REQUEST_ID_HEADER, configure_json_logging, log_request, request_id_from
 from .metrics import KronosMetrics, rss_bytes
-from .settings import ServingSettings
+from .settings import ServingSettings, check_server_environment
 from .v2 import pop_timeout, request_frame, request_params, response
 from .warmup import warmup_history
 
 logger = logging.getLogger("kronos.serving")
 request_logger = logging.getLogger("kronos.serving.requests")
-configure_json_logging(os.environ.get("KRONOS_LOG_LEVEL", "INFO"))  # idempotent (reloads)
 
 BATCH_SERIES_KEY = "kronos_max_batch_series"
 BATCH_TIME_KEY = "kronos_max_batch_time_s"
-DEFAULT_BATCH_SERIES = 64
-DEFAULT_BATCH_TIME_S = 0.05
 UNLOAD_GRACE_S = 1.0  # an unloaded model still takes requests routed to it this long
 # MLServer importlib.reload()s this module on every (re)load, which re-runs this code in the
 # same module namespace: keep these two sets across reloads.
@@ -78,10 +82,11 @@ def claim_batching(settings: MLServerModelSettings) -> tuple[int, float]:
     if settings.parameters is None:
         settings.parameters = ModelParameters()
     extra = settings.parameters.extra if settings.parameters.extra is not None else {}
+    defaults = BatcherConfig()
     series = settings.max_batch_size if settings.max_batch_size > 0 else int(
-        extra.get(BATCH_SERIES_KEY, DEFAULT_BATCH_SERIES))
+        extra.get(BATCH_SERIES_KEY, defaults.max_batch_series))
     seconds = settings.max_batch_time if settings.max_batch_time > 0 else float(
-        extra.get(BATCH_TIME_KEY, DEFAULT_BATCH_TIME_S))
+        extra.get(BATCH_TIME_KEY, defaults.max_batch_time_s))
     settings.parameters.extra = {**extra, BATCH_SERIES_KEY: series, BATCH_TIME_KEY: seconds}
     settings.max_batch_size, settings.max_batch_time = 0, 0.0
     return series, seconds
@@ -91,11 +96,16 @@ async def _raw_body(request: Request) -> bytes:
     return await request.body()
 
 
+async def _request_id(request: Request) -> str | None:
+    return request.headers.get(REQUEST_ID_HEADER)
+
+
 class KronosRuntime(MLModel):
     """Serves `KRONOS_MODEL_URI` (an MLflow Kronos pyfunc) with series-aware batching."""
 
     def __init__(self, settings: MLServerModelSettings) -> None:
-        mlserver_patches.apply(ServingSettings().retry_after_s)  # main process: REST/gRPC
+        check_server_environment()  # a typo in a KRONOS_* variable stops the start-up here
+        patches.install(ServingSettings().retry_after_s)  # already there; sets Retry-After
         self.batch_series, self.batch_time_s = claim_batching(settings)
         super().__init__(settings)
         self._loaded: LoadedModel | None = None
@@ -107,13 +117,15 @@ class KronosRuntime(MLModel):
     async def load(self) -> bool:
         """Resolve the alias, load the pyfunc, warm up, then report ready."""
         self.config = ServingSettings()
+        configure_json_logging(self.config.log_level)  # idempotent (reloads)
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.metrics = KronosMetrics()
-        self.metrics.queue_capacity.set(self.config.queue_capacity_series)
+        self.metrics.queue_budget.set(self.config.queue_budget_bytes)
+        self.metrics.running_budget.set(self.config.running_budget_bytes)
         self._batcher = SeriesBatcher(
-            BatcherConfig(self.batch_series, self.batch_time_s,
-                          self.config.queue_capacity_series, self.config.retry_after_s),
+            BatcherConfig(self.batch_series, self.batch_time_s, self.config.running_budget_bytes,
+                          self.config.queue_budget_bytes, self.config.retry_after_s),
             self.metrics)
         self._batcher.start()
         try:
@@ -180,17 +192,21 @@ class KronosRuntime(MLModel):
     # -- inference -------------------------------------------------------------------------
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        """One V2 request: decode, validate, batch, encode."""
+        """One V2 request: decode, validate, price, batch, encode."""
         loaded = self._loaded
         headers = payload.parameters.headers if payload.parameters is not None else None
-        frame, params = await self._forecast(
-            lambda: (request_frame(payload), request_params(payload)), loaded,
-            request_id_from(headers))
-        assert loaded is not None
-        return response(self.name, frame, self._response_parameters(loaded), payload.id)
+        request_id = request_id_from(headers) or uuid.uuid4().hex
+        frame, loaded = await self._forecast(
+            lambda: (request_frame(payload), request_params(payload)), loaded, request_id)
+        outputs = [o.name for o in payload.outputs] if payload.outputs else None
+        try:
+            return response(self.name, frame, self._response_parameters(loaded, request_id), payload.id,
+                            outputs)
+        except KronosInputError as exc:  # outputs the request asked for that it has not
+            raise BadForecastInputError(str(exc)) from exc
 
     async def _forecast(self, decode: Any, loaded: LoadedModel | None,
-                        request_id: str | None = None) -> tuple[pd.DataFrame, LoadedModel]:
+                        request_id: str) -> tuple[pd.DataFrame, LoadedModel]:
         """Run one request through the batcher, counting its outcome; MLServer errors out."""
         if loaded is None or self._batcher is None:
             raise ModelNotReadyError("model is not loaded yet")
@@ -208,13 +224,9 @@ class KronosRuntime(MLModel):
                                                  f"rows (max_request_rows), got {len(history)}")
             request = await asyncio.to_thread(prepare_request, loaded.forecaster, history,
                                               params, loaded.settings)
-            capacity = self.config.queue_capacity_series
-            if len(request.series) > capacity:
-                raise KronosInputError("series_id", f"must have <= {capacity} series on this "
-                                                    f"server (queue_capacity_series), got "
-                                                    f"{len(request.series)}")
+            cost = prepared_cost(loaded.forecaster, request)  # within budget: prepare checked
             forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s,
-                                                  timings)
+                                                  timings, cost)
             outcome = "ok"
             return forecast.frame, loaded
         except KronosInputError as exc:
@@ -227,8 +239,11 @@ class KronosRuntime(MLModel):
             outcome, failure = "timeout", exc
             raise ForecastTimeoutError(str(exc)) from exc
         except BatcherClosedError as exc:
-            failure = exc
+            outcome, failure = "unavailable", exc
             raise ModelNotReadyError(str(exc)) from exc
+        except asyncio.CancelledError as exc:  # the client went away (see serving.patches)
+            outcome, failure = "cancelled", exc
+            raise
         except MLServerError as exc:
             failure = exc
             raise
@@ -250,8 +265,15 @@ class KronosRuntime(MLModel):
                         inference_s=timings.get("inference_s"), total_s=total_s,
                         error=failure)
 
-    def _response_parameters(self, loaded: LoadedModel) -> dict[str, Any]:
-        return {"model_uri": loaded.source.requested, "model_version": loaded.version}
+    def _response_parameters(self, loaded: LoadedModel, request_id: str | None = None
+                             ) -> dict[str, Any]:
+        """The served model, and the request id echoed as a header (REST) or trailing
+        metadata (gRPC)."""
+        parameters: dict[str, Any] = {"model_uri": loaded.source.requested,
+                                      "model_version": loaded.version}
+        if request_id is not None:
+            parameters["headers"] = {REQUEST_ID_HEADER: request_id}
+        return parameters
 
     async def metadata(self) -> MetadataModelResponse:
         """MLServer's metadata plus the served registry version and the batch shape."""
@@ -269,14 +291,18 @@ class KronosRuntime(MLModel):
     # -- extra REST routes -----------------------------------------------------------------
 
     @custom_handler(rest_path="/invocations", rest_method="POST")
-    async def invocations(self, raw_body: bytes = Depends(_raw_body)) -> Response:
+    async def invocations(self, raw_body: bytes = Depends(_raw_body),
+                          request_id: str | None = Depends(_request_id)) -> Response:
         """The MLflow scoring protocol: `{"dataframe_split"|"dataframe_records": ...,
         "params": {...}}` -> `{"predictions": [...]}`; same batching and errors as V2."""
-        frame, loaded = await self._forecast(lambda: _mlflow_request(raw_body), self._loaded)
+        request_id = request_id_from({REQUEST_ID_HEADER: request_id}) or uuid.uuid4().hex
+        frame, loaded = await self._forecast(lambda: parse_scoring_request(raw_body), self._loaded,
+                                             request_id)
         records = json.loads(frame.assign(timestamp=frame["timestamp"].map(
             lambda t: t.isoformat())).to_json(orient="records", double_precision=15))
         body = {"predictions": records, **self._response_parameters(loaded)}
-        return Response(content=json.dumps(body), media_type="application/json")
+        return Response(content=json.dumps(body), media_type="application/json",
+                        headers={REQUEST_ID_HEADER: request_id})
 
     @custom_handler(rest_path="/kronos/health/live", rest_method="GET")
     async def live(self) -> dict[str, Any]:
@@ -291,25 +317,3 @@ class KronosRuntime(MLModel):
             raise ModelNotReadyError(f"no generation progress for {stalled:.0f} s")
         return state
 
-
-def _mlflow_request(raw_body: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Parse an MLflow scoring-protocol JSON body into (history, params)."""
-    try:
-        body = json.loads(raw_body)
-    except ValueError as exc:
-        raise KronosInputError("body", f"not valid JSON ({exc})") from exc
-    if not isinstance(body, dict):
-        raise KronosInputError("body", "must be a JSON object")
-    params = body.get("params") or {}
-    if not isinstance(params, dict):
-        raise KronosInputError("params", "must be a JSON object")
-    if "dataframe_split" in body:
-        split = body["dataframe_split"]
-        if not isinstance(split, dict) or "columns" not in split or "data" not in split:
-            raise KronosInputError("dataframe_split", "needs 'columns' and 'data'")
-        frame = pd.DataFrame(split["data"], columns=split["columns"])
-    elif "dataframe_records" in body:
-        frame = pd.DataFrame.from_records(body["dataframe_records"])
-    else:
-        raise KronosInputError("body", "needs 'dataframe_split' or 'dataframe_records'")
-    return frame, dict(params)

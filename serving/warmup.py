@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
+
+from model_package.data import random_walk_candles
 
 
 def warmup_history(length: int = 32) -> pd.DataFrame:
     """A deterministic hourly random walk of `length` candles (no series_id column)."""
-    rng = np.random.default_rng(0)
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, length)))
-    open_ = np.concatenate([[close[0]], close[:-1]])
-    return pd.DataFrame({
-        "timestamp": pd.date_range("2024-01-01", periods=length, freq="h"),
-        "open": open_, "high": np.maximum(open_, close) * 1.001,
-        "low": np.minimum(open_, close) * 0.999, "close": close,
-        "volume": rng.uniform(1e3, 5e3, length),
-    })
+    return random_walk_candles(length, seed=0, start="2024-01-01", freq="h", amount=False)

@@ -6,18 +6,27 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import settings
 
+from model_package.data import random_walk_candles
 from model_package.kronos import KronosConfig, TokenizerConfig, write_random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KRONOS_SHARED_DIR", ROOT.parent / "shared"))
-PARITY_DIR = SHARED / "fixtures" / "kronos-parity-tiny"
+# Data the tests need, carried in the repository (the upstream reference outputs and their
+# tiny weights; see each folder's README).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PARITY_DIR = FIXTURES / "kronos-parity-tiny"
+TRAINING_DIR = FIXTURES / "kronos-training-tiny"
 
 torch.set_num_threads(2)
+
+# Property-based tests: repeatable and quick by default; `--hypothesis-profile=explore`
+# searches with fresh randomness and many more examples. No example database on disk.
+settings.register_profile("kronos", max_examples=150, derandomize=True, deadline=None, database=None)
+settings.register_profile("explore", max_examples=2000, deadline=None, database=None)
+settings.load_profile("kronos")
 
 # Model tests run on the CPU unless KRONOS_TEST_DEVICE names another device (e.g. cuda).
 TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
@@ -35,9 +44,17 @@ TINY_MODEL = KronosConfig(
 
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
-    """The upstream parity fixtures (must exist: they sit in ../shared beside the repo)."""
+    """The upstream parity fixtures (tests/fixtures/kronos-parity-tiny)."""
     assert PARITY_DIR.is_dir(), f"parity fixtures not found at {PARITY_DIR}"
     return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def training_dir() -> Path:
+    """Upstream's training losses and gradients on the parity weights
+    (tests/fixtures/kronos-training-tiny)."""
+    assert TRAINING_DIR.is_dir(), f"training fixtures not found at {TRAINING_DIR}"
+    return TRAINING_DIR
 
 
 @pytest.fixture(scope="session")
@@ -53,28 +70,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
             write_random_checkpoint(TINY_MODEL, root / "model", seed=2))
 
 
-def make_candles(length: int, seed: int = 0, start: str = "2024-01-02 09:30",
-                 freq: str = "5min", series_id: str | None = None,
-                 volume: bool = True, amount: bool = True) -> pd.DataFrame:
-    """A random-walk OHLCV frame in the long format."""
-    rng = np.random.default_rng(seed)
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, length)))
-    open_ = np.concatenate([[close[0]], close[:-1]]) * (1 + rng.normal(0, 0.002, length))
-    high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, 0.003, length)))
-    low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, 0.003, length)))
-    frame = pd.DataFrame({
-        "timestamp": pd.date_range(start, periods=length, freq=freq),
-        "open": open_, "high": high, "low": low, "close": close,
-    })
-    if volume:
-        frame["volume"] = rng.uniform(1e3, 5e3, length)
-        if amount:
-            frame["amount"] = frame["volume"] * frame["close"]
-    if series_id is not None:
-        frame.insert(0, "series_id", series_id)
-    return frame
-
-
 @pytest.fixture
 def candles() -> Callable[..., pd.DataFrame]:
-    return make_candles
+    """`model_package.data.random_walk_candles`: a random-walk OHLCV frame, long format."""
+    return random_walk_candles

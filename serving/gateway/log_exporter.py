@@ -8,7 +8,8 @@ port:
   (route: infer, grpc, health, repository, other);
 - `kronos_gateway_request_seconds{route}`: histogram of nginx's request time (seconds,
   from the first client byte to the last byte sent);
-- `kronos_gateway_grpc_responses_total{grpc_status}`: gRPC status codes from upstream;
+- `kronos_gateway_grpc_responses_total{grpc_status}`: gRPC status codes (the upstream's, and
+  the gateway's own refusals);
 - `kronos_gateway_log_lines_total` and `kronos_gateway_log_parse_errors_total`.
 
 It follows rotation (new inode) and truncation. Command line:
@@ -116,6 +117,8 @@ def follow(path: Path, stop: threading.Event, from_start: bool = False,
         # No new data: trim the file if asked, check for rotation or truncation, then wait.
         if max_bytes > 0 and not pending and handle.tell() >= max_bytes:
             os.truncate(path, 0)
+            handle.seek(0)  # read what is appended from now on from the new start
+            continue
         try:
             current = path.stat()
         except FileNotFoundError:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TEMPLATE_PATH = Path(__file__).with_name("nginx.conf.template")
@@ -70,7 +70,8 @@ class GatewaySettings(BaseSettings):
         description="client networks allowed to call at all; others get 403")
     admin_cidrs: CommaList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
-        description="networks allowed to use the model repository (load/unload) endpoints")
+        description="networks allowed on the admin surface: model repository (REST and the "
+                    "repository RPCs of both gRPC services), API docs, gRPC reflection")
     rate_limit: str = Field("20r/s", description="sustained rate per client address (Nr/s, Nr/m)")
     rate_limit_burst: int = Field(40, ge=0, description="requests above the rate let through")
     rate_limit_zone_size: str = Field("10m", description="shared memory for client states")
@@ -154,6 +155,14 @@ class GatewaySettings(BaseSettings):
         if user and not re.match(r"^[A-Za-z0-9_.-]+$", user):
             raise ValueError("user must be a plain user name")
         return user
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> GatewaySettings:
+        # the config tells REST from gRPC requests by the port they arrived on
+        ports = [self.http_port, self.grpc_port, self.status_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"http_port, grpc_port and status_port must differ, got {ports}")
+        return self
 
     @property
     def upstream_timeout_s(self) -> float:

@@ -16,17 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.loadtest.soak import (
-    MB,
-    ROOT,
-    Row,
-    RssSampler,
-    accepted,
-    overloaded,
-    register_demo_model,
-    run_locust,
-    start_stack,
-)
+from serving.loadtest.soak import MB, Row, RssSampler, accepted, overloaded, run_locust
+from serving.local_server import ROOT, LocalServer, register_random_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,19 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{'max_batch_size':>14} {'reqs':>5} {'fail':>5} {'503':>5} {'req/s':>6} "
              f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak RSS MiB':>12}"]
     try:
-        uri = register_demo_model(workdir, args.preset)
+        registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
         for size in (int(v) for v in args.batch_sizes.split(",")):
-            stack = start_stack(workdir / f"server-{size}", uri,
-                                {"KRONOS_TORCH_THREADS": str(args.torch_threads)},
-                                {"max_batch_size": size})
-            try:
-                with RssSampler(stack) as sampler:
-                    started = time.monotonic()
-                    rows = run_locust(stack, args.report_dir / f"batch{size}", args.users,
-                                      args.seconds, (wait[0], wait[-1]), args.max_candles)
-                    elapsed = time.monotonic() - started
-            finally:
-                stack.stop()
+            with LocalServer.start(workdir / f"server-{size}", registry.tracking_uri,
+                                   {"KRONOS_TORCH_THREADS": str(args.torch_threads)},
+                                   {"max_batch_size": size}) as stack, RssSampler(stack) as sampler:
+                started = time.monotonic()
+                rows = run_locust(stack, args.report_dir / f"batch{size}", args.users,
+                                  args.seconds, (wait[0], wait[-1]), args.max_candles)
+                elapsed = time.monotonic() - started
             ok = accepted(rows)
             done = sum(r.requests - r.failures for r in ok)
             # without 503s Locust's "Aggregated" row has the exact percentiles of all

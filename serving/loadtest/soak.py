@@ -1,13 +1,17 @@
 """Bounded soak of a local Kronos stack (`make soak` = `python -m serving.loadtest.soak`).
 
 1. Registers random demo weights (Kronos-small shape by default) in a temporary sqlite
-   registry and starts `mlserver start` on free 127.0.0.1 ports with a small queue
-   (`KRONOS_QUEUE_CAPACITY_SERIES`) and batch (`max_batch_size`: series in generation at
-   once), so that overload is reachable.
-2. Phase "below": fewer users than queue slots (each request holds <= max_series series)
-   -> no failed request at all.
-3. Phase "above": many more users than queue slots -> some 503s, fast (p95 under
-   `--max-503-p95-s`), and every accepted request still succeeds.
+   registry and starts `mlserver start` on free 127.0.0.1 ports (`serving.local_server`)
+   with a small queue budget (`KRONOS_QUEUE_BUDGET_MB`) and batch (`max_batch_size`:
+   series in generation at once), so that overload is reachable. The load's costliest
+   request (`--max-series` series of `--max-candles` candles at the payload mix's longest
+   horizon and most sample paths, priced by `model_package.budget.request_cost` for the
+   demo model's shape) is the per-request budget (`KRONOS_MAX_REQUEST_MEMORY_MB`), so no
+   request of the load is refused as too large.
+2. Phase "below": so few users that even all their requests at their costliest fit the
+   queue budget (the default budget is exactly that) -> no failed request at all.
+3. Phase "above": many more users than the queue budget and the batch can hold -> some
+   503s, fast (p95 under `--max-503-p95-s`), and every accepted request still succeeds.
 4. Server RSS (the mlserver process tree, sampled every second) may grow by at most
    `--max-rss-growth-mb` from the end of phase "below" to the end of the run, measured
    once the server is idle again (requests still generating hold their caches).
@@ -20,179 +24,98 @@ phase with the project's locustfile; CSV/HTML reports land in `--report-dir`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
+import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import httpx
-import psutil
 
-ROOT = Path(__file__).resolve().parents[2]
-SERVING = ROOT / "serving"
+from serving.local_server import (
+    MODEL_NAME,
+    ROOT,
+    SERVING,
+    LocalServer,
+    random_shape,
+    register_random_model,
+    shape_forecaster,
+    venv_script,
+)
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-MODEL_NAME = "kronos"
 OVERLOAD_SUFFIX = " [503 overloaded]"
+MB = 1024 * 1024
 
 
-# -- the local stack -------------------------------------------------------------------------
+# -- what the load costs ---------------------------------------------------------------------
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class LoadCost:
+    """The costliest request of the load and the server settings sized from it."""
 
-
-def register_demo_model(workdir: Path, preset: str = "small",
-                        tokenizer_dir: Path | None = None, model_dir: Path | None = None,
-                        max_context: int | None = None) -> str:
-    """Log random demo weights (or the given checkpoint dirs) as kronos@champion in a
-    fresh sqlite registry under `workdir`; returns its tracking URI."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from model_package.kronos import write_random_checkpoint
-    from model_package.kronos.presets import preset_by_name
-    from model_package.log_model import log_kronos_model
-
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    if tokenizer_dir is None or model_dir is None:
-        shape = preset_by_name(preset)
-        if shape is None:
-            raise SystemExit(f"unknown preset {preset!r} (mini, small, base)")
-        tokenizer_dir = write_random_checkpoint(shape.tokenizer_config, workdir / "tokenizer", 1)
-        model_dir = write_random_checkpoint(shape.model_config, workdir / "model", 2)
-        max_context = max_context or shape.max_context
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.create_experiment("kronos-loadtest",
-                                          artifact_location=(workdir / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_kronos_model(tokenizer_dir, model_dir, registered_model_name=MODEL_NAME,
-                                max_context=max_context, example_rows=16,
-                                tags={"kronos.weights": "random-demo"})
-    client.set_registered_model_alias(MODEL_NAME, "champion", str(info.registered_model_version))
-    return uri
-
-
-@dataclass
-class Stack:
-    """A running `mlserver start` (own process group) and its ports."""
-
-    process: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    metrics_port: int
-    log: Path
+    worst_bytes: int  # memory of the costliest request (model_package.budget.request_cost)
+    series: int
+    candles: int
+    pred_len: int
+    sample_count: int
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+    def request_mb(self) -> int:
+        """The per-request budget that admits every request of the load (whole MiB)."""
+        return math.ceil(self.worst_bytes / MB)
 
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server and all its children (workers)."""
-        try:
-            root = psutil.Process(self.process.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += proc.memory_info().rss
-        return total
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/v2/health/ready", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is queued or being generated (`/kronos/health/live`)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                state = httpx.get(f"{self.url}/kronos/health/live", timeout=10).json()
-                if not state.get("running") and not state.get("queued_series"):
-                    return True
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(1)
-        return False
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it if it lingers."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-            except ProcessLookupError:
-                pass
+    def describe(self) -> str:
+        return (f"{self.worst_bytes / MB:.1f} MiB for {self.series} series x {self.candles} "
+                f"candles -> {self.pred_len} steps x {self.sample_count} paths")
 
 
-def start_stack(workdir: Path, tracking_uri: str, env: dict[str, str] | None = None,
-                model_settings: dict | None = None, timeout_s: float = 300) -> Stack:
-    """Start MLServer with serving/'s settings on free ports; wait until the model is ready."""
-    ports = [free_port() for _ in range(3)]
-    settings = json.loads((SERVING / "settings.json").read_text())
-    settings.update(http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                    metrics_dir=str(workdir / "metrics"))
-    (workdir / "metrics").mkdir(parents=True, exist_ok=True)
-    (workdir / "settings.json").write_text(json.dumps(settings))
-    model_dir = workdir / "models" / MODEL_NAME
-    model_dir.mkdir(parents=True, exist_ok=True)
+@lru_cache(maxsize=4)
+def load_cost(preset: str, max_series: int, max_candles: int) -> LoadCost:
+    """The costliest request the locustfile can send with these options, priced for the
+    demo model of `preset` (mode "fast", the soaked server's)."""
+    from model_package.budget import request_cost
+    from serving.loadtest.payloads import PayloadMix
+
+    # the locustfile's mix (see `payload_pool`): windows of min_candles..max_candles
+    mix = PayloadMix(max_candles=max(PayloadMix.min_candles + 1, max_candles),
+                     max_series=max_series)
+    pred_len, paths = max(mix.horizons), max(mix.sample_counts)
+    forecaster = shape_forecaster(random_shape(preset))
+    cost = request_cost(forecaster, [mix.max_candles] * mix.max_series, pred_len, paths)
+    return LoadCost(cost.memory_bytes, mix.max_series, mix.max_candles, pred_len, paths)
+
+
+def batch_series(max_batch_size: int) -> int:
+    """Series the soaked server generates at once: `--max-batch-size`, or for 0 the shipped
+    model-settings.json's `max_batch_size` (else the batcher's default)."""
+    if max_batch_size:
+        return max_batch_size
     spec = json.loads((SERVING / "models" / MODEL_NAME / "model-settings.json").read_text())
-    spec.update(model_settings or {})
-    (model_dir / "model-settings.json").write_text(json.dumps(spec))
-    child_env = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("KRONOS_", "MLSERVER", "PYTHONPATH"))}
-    child_env.update({"MLFLOW_TRACKING_URI": tracking_uri, "KRONOS_DEVICE": "cpu",
-                      "PYTHONPATH": str(ROOT), **(env or {})})
-    log = workdir / "mlserver.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlserver")), "start", str(workdir)],
-            cwd=workdir, env=child_env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    stack = Stack(process, *ports, log)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {process.returncode}:\n{stack.tail()}")
-            try:
-                if httpx.get(f"{stack.url}/v2/models/{MODEL_NAME}/ready",
-                             timeout=5).status_code == 200:
-                    return stack
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"mlserver not ready after {timeout_s:.0f} s:\n{stack.tail()}")
-    except BaseException:
-        stack.stop()
-        raise
+    if "max_batch_size" in spec:
+        return int(spec["max_batch_size"])
+    from serving.batcher import BatcherConfig
+
+    return BatcherConfig().max_batch_series
+
+
+def server_env(args: argparse.Namespace, cost: LoadCost) -> dict[str, str]:
+    """The soaked server's budgets and threads."""
+    from serving.batcher import BatcherConfig
+
+    running_mb = max(cost.request_mb, math.ceil(BatcherConfig().running_budget_bytes / MB))
+    return {"KRONOS_QUEUE_BUDGET_MB": str(args.queue_budget_mb),
+            "KRONOS_MAX_REQUEST_MEMORY_MB": str(cost.request_mb),
+            "KRONOS_RUNNING_BUDGET_MB": str(running_mb),
+            "KRONOS_TORCH_THREADS": str(args.torch_threads)}
 
 
 # -- running Locust --------------------------------------------------------------------------
@@ -211,12 +134,12 @@ class Row:
     max: float
 
 
-def run_locust(stack: Stack, prefix: Path, users: int, seconds: int, wait: tuple[float, float],
+def run_locust(stack: LocalServer, prefix: Path, users: int, seconds: int, wait: tuple[float, float],
                max_candles: int, seed: int = 0, extra_env: dict[str, str] | None = None,
                stop_timeout_s: int = 120) -> dict[str, Row]:
     """Run the locustfile headless for `seconds`; returns its stats rows by name."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
+    cmd = [venv_script("locust"), "-f", str(LOCUSTFILE), "--headless",
            "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
            "--stop-timeout", str(stop_timeout_s), "--only-summary",
            "--host", stack.url, "--grpc-target", stack.grpc_target,
@@ -253,7 +176,7 @@ def read_stats(path: Path) -> dict[str, Row]:
 class RssSampler:
     """Samples the stack's RSS every `every_s` seconds in a thread, labelled by phase."""
 
-    stack: Stack
+    stack: LocalServer
     every_s: float = 1.0
     phase: str = "start"
     samples: list[tuple[str, int]] = field(default_factory=list)
@@ -285,9 +208,6 @@ class RssSampler:
 
 
 # -- the soak --------------------------------------------------------------------------------
-
-MB = 1024 * 1024
-
 
 def accepted(rows: dict[str, Row]) -> list[Row]:
     return [r for n, r in rows.items() if n != "Aggregated" and not n.endswith(OVERLOAD_SUFFIX)]
@@ -330,7 +250,7 @@ def check(phases: dict[str, dict[str, Row]], rss_after_below: int, rss_end: int,
     refused = overloaded(above)
     if not refused or sum(r.requests for r in refused) == 0:
         problems.append("above capacity: no 503 at all (raise --above-users or lower "
-                        "--queue-capacity)")
+                        "--queue-budget-mb)")
     for row in refused:
         if row.p95 > args.max_503_p95_s * 1000:
             problems.append(f"above capacity: {row.name} p95 {row.p95:.0f} ms > "
@@ -348,7 +268,7 @@ def check(phases: dict[str, dict[str, Row]], rss_after_below: int, rss_end: int,
     return problems
 
 
-def final_forecast(stack: Stack) -> bool:
+def final_forecast(stack: LocalServer) -> bool:
     """One more small real-candle forecast after the soak."""
     import random
 
@@ -366,14 +286,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("SOAK_SECONDS", 60)),
                         help="length of each phase (s); SOAK_SECONDS")
-    parser.add_argument("--queue-capacity", type=int, default=6,
-                        help="KRONOS_QUEUE_CAPACITY_SERIES of the soaked server (series)")
+    parser.add_argument("--queue-budget-mb", type=float, default=0.0,
+                        help="KRONOS_QUEUE_BUDGET_MB of the soaked server (MiB of queued "
+                             "requests' cost); 0 = below-users x the load's costliest request")
     parser.add_argument("--below-users", type=int, default=2,
-                        help="users of phase 'below' (users * max-series must fit the queue)")
+                        help="users of phase 'below' (all their costliest requests must fit "
+                             "the queue budget)")
     parser.add_argument("--above-users", type=int, default=12, help="users of phase 'above'")
     parser.add_argument("--max-series", type=int, default=3, help="most series per request")
     parser.add_argument("--max-candles", type=int, default=256, help="longest history (candles)")
-    parser.add_argument("--preset", default="small", help="demo weights shape: mini, small, base")
+    parser.add_argument("--preset", default="small",
+                        help="demo weights shape: tiny, mini, small, base")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="max_batch_size (series generated at once; 1 = batching off; 0 = "
                              "the shipped model-settings.json). The server holds this many "
@@ -390,27 +313,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="users pause Retry-After seconds after a 503 (default: retry)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
     args = parser.parse_args(argv)
-    if args.below_users * args.max_series > args.queue_capacity:
-        parser.error("phase 'below' could fill the queue: below-users * max-series > "
-                     "queue-capacity")
+    try:
+        cost = load_cost(args.preset, args.max_series, args.max_candles)
+    except ValueError as error:
+        parser.error(str(error))
+    if not args.queue_budget_mb:
+        args.queue_budget_mb = float(args.below_users * cost.request_mb)
+    for problem in budget_problems(args, cost):
+        parser.error(problem)
     return args
+
+
+def budget_problems(args: argparse.Namespace, cost: LoadCost) -> list[str]:
+    """Why a queue budget cannot give the two phases their outcomes (none: it can). A request
+    is refused (503) when the queued requests' cost plus its own exceeds the budget."""
+    budget = args.queue_budget_mb * MB
+    problems = []
+    if cost.request_mb * MB > budget:
+        problems.append(f"the load's costliest request ({cost.describe()}) needs a per-request "
+                        f"budget of {cost.request_mb} MiB, over --queue-budget-mb "
+                        f"{args.queue_budget_mb:g}: raise it")
+    if args.below_users * cost.worst_bytes > budget:
+        problems.append(f"phase 'below' could fill the queue: below-users x the costliest "
+                        f"request = {args.below_users} x {cost.worst_bytes / MB:.1f} MiB > "
+                        f"--queue-budget-mb {args.queue_budget_mb:g}")
+    # every running request holds at least one of the batch's series, so at most that many
+    # requests run at once: only the other users' requests can be queued
+    queued = args.above_users - batch_series(args.max_batch_size)
+    if queued * cost.worst_bytes <= budget:
+        problems.append(f"phase 'above' can never fill the queue: (above-users - series "
+                        f"running at once) x the costliest request = {max(queued, 0)} x "
+                        f"{cost.worst_bytes / MB:.1f} MiB <= --queue-budget-mb "
+                        f"{args.queue_budget_mb:g} (raise --above-users or lower "
+                        "--max-batch-size)")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cost = load_cost(args.preset, args.max_series, args.max_candles)
     workdir = Path(tempfile.mkdtemp(prefix="kronos-soak-"))
-    stack: Stack | None = None
+    stack: LocalServer | None = None
     try:
         print(f"soak: registering {args.preset} demo weights under {workdir}", flush=True)
-        uri = register_demo_model(workdir, args.preset)
-        env = {"KRONOS_QUEUE_CAPACITY_SERIES": str(args.queue_capacity),
-               "KRONOS_TORCH_THREADS": str(args.torch_threads)}
+        registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
         settings = {"max_batch_size": args.max_batch_size} if args.max_batch_size else None
         started = time.monotonic()
-        stack = start_stack(workdir / "server", uri, env, settings)
+        stack = LocalServer.start(workdir / "server", registry.tracking_uri,
+                                  server_env(args, cost), settings)
         print(f"soak: mlserver ready in {time.monotonic() - started:.0f} s on {stack.url} "
-              f"(gRPC {stack.grpc_target}), queue capacity {args.queue_capacity} series",
-              flush=True)
+              f"(gRPC {stack.grpc_target}), queue budget {args.queue_budget_mb:g} MiB, "
+              f"per-request budget {cost.request_mb} MiB (costliest request of the load: "
+              f"{cost.describe()})", flush=True)
         phases: dict[str, dict[str, Row]] = {}
         args.report_dir.mkdir(parents=True, exist_ok=True)
         load = {"max_candles": args.max_candles,

@@ -362,12 +362,13 @@ def test_ports_agree_across_settings_dockerfile_compose_and_prometheus() -> None
 
 
 def test_service_environment_names_are_real_settings() -> None:
-    """A misspelt KRONOS_* variable would be ignored silently by pydantic-settings."""
+    """A misspelt KRONOS_* variable stops the server at start-up: none in the stack."""
+    from model_package.settings import ModelSettings, settings_variables
     from serving.gateway.render import GatewaySettings
     from serving.settings import ServingSettings
 
     services = _resolved(COMPOSE, COMPOSE_DEV)["services"]
-    serving_fields = {f"KRONOS_{name.upper()}" for name in ServingSettings.model_fields}
+    serving_fields = settings_variables(ModelSettings, ServingSettings)
     kronos_env = {name for name in services["kronos"]["environment"]
                   if name.startswith("KRONOS_")}
     assert kronos_env and kronos_env <= serving_fields, kronos_env - serving_fields

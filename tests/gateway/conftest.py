@@ -17,9 +17,9 @@ from gateway_helpers import (
     GatewayFactory,
     GrpcUpstream,
     InferenceServicer,
+    RecordingInterceptor,
     RecordingUpstream,
     RepositoryServicer,
-    free_port,
     make_handler,
 )
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
@@ -27,6 +27,7 @@ from mlserver.grpc import model_repository_pb2_grpc as repo_grpc
 
 from serving.gateway.process import GatewayProcess
 from serving.gateway.render import GatewaySettings
+from serving.local_server import free_port
 
 
 @pytest.fixture(scope="session")
@@ -45,13 +46,14 @@ def upstream() -> Iterator[RecordingUpstream]:
 @pytest.fixture(scope="session")
 def grpc_upstream() -> Iterator[GrpcUpstream]:
     """A real grpcio server with the V2 dataplane and repository services."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    received = RecordingInterceptor()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[received])
     inference = InferenceServicer()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     repo_grpc.add_ModelRepositoryServiceServicer_to_server(RepositoryServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield GrpcUpstream(port=port, inference=inference)
+    yield GrpcUpstream(port=port, inference=inference, received=received)
     server.stop(grace=None)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -23,13 +22,6 @@ from serving.gateway.process import GatewayProcess
 CLIENT = "127.0.0.1"  # allowed, not admin
 OUTSIDER = "127.0.0.2"  # not in the allow-list
 ADMIN = "127.0.0.3"  # allowed and admin
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -63,12 +55,13 @@ def make_handler(upstream: RecordingUpstream) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length) if length else b""
             upstream.seen.append(SeenRequest(self.command, self.path, dict(self.headers),
                                              len(body)))
-            if self.path.startswith("/slow"):
+            if self.path.startswith("/v2/models/slow/"):
                 time.sleep(2.0)
             payload = json.dumps({"path": self.path, "headers": dict(self.headers),
                                   "body_length": len(body)}).encode()
+            status = 404 if self.path.startswith("/v2/models/missing/") else 200
             try:
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.send_header("X-Request-ID", "upstream-must-not-leak")
@@ -87,7 +80,7 @@ def make_handler(upstream: RecordingUpstream) -> type[BaseHTTPRequestHandler]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """A minimal V2 dataplane: live/ready, and ModelInfer echoing the request id it got."""
+    """The V2 dataplane, every RPC answered trivially; ModelInfer echoes the request id."""
 
     def __init__(self) -> None:
         self.request_ids: list[str] = []
@@ -95,6 +88,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerLive(self, request: pb.ServerLiveRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: pb.ServerReadyRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request: pb.ModelReadyRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request: pb.ServerMetadataRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="upstream")
+
+    def ModelMetadata(self, request: pb.ModelMetadataRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+        return pb.ModelMetadataResponse(name=request.name)
 
     def ModelInfer(self, request: pb.ModelInferRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> pb.ModelInferResponse:
@@ -105,6 +114,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "model missing not found")
         return pb.ModelInferResponse(model_name=request.model_name, id=request_id)
 
+    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest],  # noqa: N802
+                         context: grpc.ServicerContext) -> Iterator[pb.ModelInferResponse]:
+        for request in request_iterator:
+            yield pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest,  # noqa: N802
+                        context: grpc.ServicerContext) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse()
+
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,  # noqa: N802
+                            context: grpc.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(  # noqa: N802
+            self, request: pb.RepositoryModelUnloadRequest,
+            context: grpc.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        return pb.RepositoryModelUnloadResponse()
+
 
 class RepositoryServicer(repo_grpc.ModelRepositoryServiceServicer):
     """The model repository service (admin only through the gateway)."""
@@ -113,6 +140,31 @@ class RepositoryServicer(repo_grpc.ModelRepositoryServiceServicer):
                         context: grpc.ServicerContext) -> repo_pb.RepositoryIndexResponse:
         return repo_pb.RepositoryIndexResponse()
 
+    def RepositoryModelLoad(  # noqa: N802
+            self, request: repo_pb.RepositoryModelLoadRequest,
+            context: grpc.ServicerContext) -> repo_pb.RepositoryModelLoadResponse:
+        return repo_pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(  # noqa: N802
+            self, request: repo_pb.RepositoryModelUnloadRequest,
+            context: grpc.ServicerContext) -> repo_pb.RepositoryModelUnloadResponse:
+        return repo_pb.RepositoryModelUnloadResponse()
+
+
+class RecordingInterceptor(grpc.ServerInterceptor):
+    """Records (full method name, x-request-id) of every call that reaches the upstream,
+    known method or not (interceptors run before the method lookup)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def intercept_service(self, continuation: Callable[..., Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        self.calls.append((handler_call_details.method,
+                           str(metadata.get("x-request-id", ""))))
+        return continuation(handler_call_details)
+
 
 @dataclass
 class GrpcUpstream:
@@ -120,6 +172,11 @@ class GrpcUpstream:
 
     port: int
     inference: InferenceServicer
+    received: RecordingInterceptor
+
+    def methods_for(self, request_id: str) -> list[str]:
+        """Methods of the calls that reached the upstream with this x-request-id."""
+        return [method for method, seen_id in self.received.calls if seen_id == request_id]
 
 
 GatewayFactory = Callable[..., GatewayProcess]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 import uuid
+from typing import Any
 
 import grpc
 import pytest
@@ -15,15 +18,15 @@ from gateway_helpers import (
     GrpcUpstream,
     RecordingUpstream,
     call,
-    free_port,
     log_entries,
 )
+from google.protobuf.message import Message
 from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from mlserver.grpc import model_repository_pb2 as repo_pb
-from mlserver.grpc import model_repository_pb2_grpc as repo_grpc
 
 from serving.gateway.process import GatewayProcess
+from serving.local_server import free_port
 
 pytestmark = pytest.mark.integration  # real nginx processes
 
@@ -83,12 +86,112 @@ def test_repository_endpoints_only_from_admin_network(
     path = f"/v2/repository/models/kronos/load?t={uuid.uuid4().hex}"
     denied = call(gateway, path, method="POST", body=b"")
     assert denied.status == 403
+    assert denied.json() == {"error": "forbidden: admin only"}
     assert path not in upstream.paths()
     allowed = call(gateway, path, method="POST", body=b"", source=ADMIN)
     assert allowed.status == 200
     assert path in upstream.paths()
     # the admin is an ordinary client elsewhere
     assert call(gateway, "/v2/health/ready", source=ADMIN).status == 200
+
+
+@pytest.mark.parametrize(("path", "route"), [
+    ("/v2", "other"),
+    ("/v2/health/live", "health"),
+    ("/v2/health/ready", "health"),
+    ("/kronos/health/live", "health"),
+    ("/v2/models/kronos", "other"),
+    ("/v2/models/kronos/versions/1", "other"),
+    ("/v2/models/kronos/ready", "health"),
+    ("/v2/models/kronos/versions/1/ready", "health"),
+    ("/v2/models/kronos/infer", "infer"),
+    ("/v2/models/kronos/versions/1/infer", "infer"),
+    ("/v2/models/kronos/infer_stream", "infer"),  # the model server answers these itself
+    ("/v2/models/kronos/generate", "infer"),
+    ("/v2/models/kronos/generate_stream", "infer"),
+    ("/invocations", "infer"),
+])
+def test_rest_inference_api_is_open_to_allowed_clients(
+        gateway: GatewayProcess, upstream: RecordingUpstream, path: str, route: str) -> None:
+    request_id = f"open-{uuid.uuid4().hex}"
+    marked = f"{path}?t={request_id}"
+    reply = call(gateway, marked, method="POST", body=b"{}",
+                 headers={"X-Request-ID": request_id})
+    assert reply.status == 200
+    assert marked in upstream.paths()
+    entry = next(e for e in log_entries(gateway, request_id=request_id)
+                 if e["request_id"] == request_id)
+    assert entry["route"] == route and entry["status"] == 200
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/docs",
+    "/v2/docs/dataplane.json",
+    "/v2/models/kronos/docs",
+    "/v2/models/kronos/docs/dataplane.json",
+    "/v2/models/kronos/versions/1/docs",
+])
+def test_rest_api_docs_are_admin_only(
+        gateway: GatewayProcess, upstream: RecordingUpstream, path: str) -> None:
+    marked = f"{path}?t={uuid.uuid4().hex}"
+    denied = call(gateway, marked)
+    assert denied.status == 403
+    assert denied.json() == {"error": "forbidden: admin only"}
+    assert marked not in upstream.paths()
+    assert call(gateway, marked, source=ADMIN).status == 200
+    assert marked in upstream.paths()
+
+
+@pytest.mark.parametrize("path", [
+    "/",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    "/ping",
+    "/v2/",
+    "/v2/models",
+    "/v2/models/kronos/infer/extra",
+    "/v2/models/kronos/versions/1/unload",
+    "/v2/repository",
+    "/V2/health/live",
+    "/inference.GRPCInferenceService/ModelInfer",
+])
+def test_rest_paths_off_the_allow_list_get_404_from_the_gateway(
+        gateway: GatewayProcess, upstream: RecordingUpstream, path: str) -> None:
+    marked = f"{path}?t={uuid.uuid4().hex}"
+    for source in (CLIENT, ADMIN):
+        request_id = f"unknown-{uuid.uuid4().hex}"
+        reply = call(gateway, marked, method="POST", body=b"{}", source=source,
+                     headers={"X-Request-ID": request_id})
+        assert reply.status == 404
+        assert reply.json() == {"error": "not found: path not served through the gateway"}
+        assert reply.headers["X-Request-ID"] == request_id
+        entry = next(e for e in log_entries(gateway, request_id=request_id)
+                     if e["request_id"] == request_id)
+        assert (entry["status"], entry["route"]) == (404, "other")
+    assert marked not in upstream.paths()
+    # an address outside the allow-list learns nothing about paths: 403 first
+    assert call(gateway, marked, source=OUTSIDER).status == 403
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/models/kronos/../../repository/models/kronos/unload",
+    "/v2/%72epository/models/kronos/unload",
+    "/v2//repository/models/kronos/unload",
+])
+def test_rest_spellings_of_admin_paths_are_judged_after_normalisation(
+        gateway: GatewayProcess, upstream: RecordingUpstream, path: str) -> None:
+    reply = call(gateway, path, method="POST", body=b"")
+    assert reply.status == 403
+    assert reply.json() == {"error": "forbidden: admin only"}
+    assert path not in upstream.paths()
+
+
+def test_upstream_404_passes_through_unchanged(gateway: GatewayProcess) -> None:
+    # the gateway's own 404 answer is only for paths off the allow-list
+    reply = call(gateway, "/v2/models/missing/infer", method="POST", body=b"{}")
+    assert reply.status == 404
+    assert reply.json()["path"] == "/v2/models/missing/infer"  # the upstream's body
 
 
 def test_oversized_body_gets_413_before_reaching_upstream(
@@ -121,8 +224,8 @@ def test_over_the_rate_gets_429(make_gateway: GatewayFactory) -> None:
 
 
 def test_upstream_slower_than_deadline_gets_504(gateway: GatewayProcess) -> None:
-    # deadline 0.5 s + margin 0.3 s; the upstream sleeps 2 s on /slow
-    reply = call(gateway, "/slow")
+    # deadline 0.5 s + margin 0.3 s; the upstream sleeps 2 s for the model "slow"
+    reply = call(gateway, "/v2/models/slow/infer", method="POST", body=b"{}")
     assert reply.status == 504
     assert reply.json() == {"error": "model server did not answer in time"}
 
@@ -209,29 +312,162 @@ def test_grpc_upstream_error_passes_through_and_is_logged_once(
     assert entry["status"] == 200 and entry["grpc_status"] == "5"
 
 
-def test_grpc_repository_service_only_from_admin(gateway: GatewayProcess) -> None:
-    channel = grpc.insecure_channel(gateway.grpc_target,
-                                    options=[("grpc.enable_http_proxy", 0)])
-    stub = repo_grpc.ModelRepositoryServiceStub(channel)
+INFERENCE = "/inference.GRPCInferenceService/"
+REPOSITORY = "/inference.model_repository.ModelRepositoryService/"
+
+# The inference RPCs every allowed client may call: (method, request, response type).
+OPEN_RPCS: list[tuple[str, Message, type[Message]]] = [
+    (f"{INFERENCE}ServerLive", pb.ServerLiveRequest(), pb.ServerLiveResponse),
+    (f"{INFERENCE}ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse),
+    (f"{INFERENCE}ModelReady", pb.ModelReadyRequest(name="kronos"), pb.ModelReadyResponse),
+    (f"{INFERENCE}ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse),
+    (f"{INFERENCE}ModelMetadata", pb.ModelMetadataRequest(name="kronos"),
+     pb.ModelMetadataResponse),
+    (f"{INFERENCE}ModelInfer", pb.ModelInferRequest(model_name="kronos"),
+     pb.ModelInferResponse),
+]
+# The repository RPCs of both services: admin networks only.
+ADMIN_RPCS: list[tuple[str, Message, type[Message]]] = [
+    (f"{INFERENCE}RepositoryIndex", pb.RepositoryIndexRequest(), pb.RepositoryIndexResponse),
+    (f"{INFERENCE}RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="kronos"),
+     pb.RepositoryModelLoadResponse),
+    (f"{INFERENCE}RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="kronos"),
+     pb.RepositoryModelUnloadResponse),
+    (f"{REPOSITORY}RepositoryIndex", repo_pb.RepositoryIndexRequest(),
+     repo_pb.RepositoryIndexResponse),
+    (f"{REPOSITORY}RepositoryModelLoad", repo_pb.RepositoryModelLoadRequest(model_name="kronos"),
+     repo_pb.RepositoryModelLoadResponse),
+    (f"{REPOSITORY}RepositoryModelUnload",
+     repo_pb.RepositoryModelUnloadRequest(model_name="kronos"),
+     repo_pb.RepositoryModelUnloadResponse),
+]
+# Off the allow-list for everyone, admins included; some are spellings that nginx would
+# normalise into an allowed method while MLServer would see the raw path.
+UNKNOWN_METHODS = [
+    f"{INFERENCE}NoSuchMethod",
+    "/no.such.Service/Call",
+    "/grpc.health.v1.Health/Check",
+    f"{INFERENCE}modelinfer",
+    "/inference.grpcinferenceservice/ModelInfer",
+    f"{INFERENCE}ModelInfer/extra",
+    f"{INFERENCE}RepositoryModelUnload/../ModelInfer",
+    f"{INFERENCE}Model%49nfer",
+    "/inference.GRPCInferenceService//ModelInfer",
+    "/",
+]
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(make_gateway: GatewayFactory) -> GatewayProcess:
+    """A gateway whose admin network is 127.0.0.1 (gRPC clients cannot pick a source
+    address, so the admin role goes to the address they connect from)."""
+    return make_gateway(admin_cidrs=[f"{CLIENT}/32"])
+
+
+def _unary(gateway: GatewayProcess, method: str, request: Message,
+           response_type: type[Message], request_id: str) -> Message:
+    """One unary call of `method` (any path) through the gateway."""
+    with grpc.insecure_channel(gateway.grpc_target,
+                               options=[("grpc.enable_http_proxy", 0)]) as channel:
+        rpc = channel.unary_unary(method, request_serializer=type(request).SerializeToString,
+                                  response_deserializer=response_type.FromString)
+        return rpc(request, timeout=5, metadata=[("x-request-id", request_id)])
+
+
+def _logged(gateway: GatewayProcess, request_id: str) -> dict[str, Any]:
+    return next(e for e in log_entries(gateway, request_id=request_id)
+                if e["request_id"] == request_id)
+
+
+@pytest.mark.parametrize(("method", "request_message", "response_type"), OPEN_RPCS,
+                         ids=[rpc[0].rsplit("/", 1)[1] for rpc in OPEN_RPCS])
+def test_grpc_inference_rpcs_are_open_to_allowed_clients(
+        gateway: GatewayProcess, grpc_upstream: GrpcUpstream, method: str,
+        request_message: Message, response_type: type[Message]) -> None:
+    request_id = f"open-{uuid.uuid4().hex}"
+    reply = _unary(gateway, method, request_message, response_type, request_id)
+    assert isinstance(reply, response_type)
+    assert grpc_upstream.methods_for(request_id) == [method]
+    entry = _logged(gateway, request_id)
+    assert (entry["status"], entry["grpc_status"], entry["route"]) == (200, "0", "grpc")
+
+
+def test_grpc_stream_infer_reaches_the_model_server(
+        gateway: GatewayProcess, grpc_upstream: GrpcUpstream) -> None:
+    # The gateway lets streaming inference through: the model server decides (and refuses
+    # it clearly), so clients get the same answer with or without the gateway.
+    request_id = f"stream-{uuid.uuid4().hex}"
+    replies = list(_stub(gateway).ModelStreamInfer(
+        iter([pb.ModelInferRequest(model_name="kronos", id="a"),
+              pb.ModelInferRequest(model_name="kronos", id="b")]),
+        timeout=5, metadata=[("x-request-id", request_id)]))
+    assert [reply.id for reply in replies] == ["a", "b"]
+    assert grpc_upstream.methods_for(request_id) == [f"{INFERENCE}ModelStreamInfer"]
+
+
+@pytest.mark.parametrize(("method", "request_message", "response_type"), ADMIN_RPCS,
+                         ids=[rpc[0].split(".", 1)[1] for rpc in ADMIN_RPCS])
+def test_grpc_repository_rpcs_of_both_services_are_denied_to_non_admins(
+        gateway: GatewayProcess, grpc_upstream: GrpcUpstream, method: str,
+        request_message: Message, response_type: type[Message]) -> None:
+    request_id = f"denied-{uuid.uuid4().hex}"
     with pytest.raises(grpc.RpcError) as denied:
-        stub.RepositoryIndex(repo_pb.RepositoryIndexRequest(), timeout=5)
+        _unary(gateway, method, request_message, response_type, request_id)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (denied.value.details() or "").startswith("admin only")
+    assert grpc_upstream.methods_for(request_id) == []  # answered by the gateway itself
+    entry = _logged(gateway, request_id)
+    assert (entry["status"], entry["grpc_status"], entry["route"]) == (403, "7", "repository")
 
 
-def test_grpc_repository_service_from_admin_passes(make_gateway: GatewayFactory) -> None:
-    # gRPC clients cannot pick a source address, so give 127.0.0.1 the admin role here
-    admin_gateway = make_gateway(admin_cidrs=[f"{CLIENT}/32"])
-    channel = grpc.insecure_channel(admin_gateway.grpc_target,
-                                    options=[("grpc.enable_http_proxy", 0)])
-    stub = repo_grpc.ModelRepositoryServiceStub(channel)
-    assert stub.RepositoryIndex(repo_pb.RepositoryIndexRequest(), timeout=5) is not None
+@pytest.mark.parametrize(("method", "request_message", "response_type"), ADMIN_RPCS,
+                         ids=[rpc[0].split(".", 1)[1] for rpc in ADMIN_RPCS])
+def test_grpc_repository_rpcs_of_both_services_pass_for_admins(
+        admin_gateway: GatewayProcess, grpc_upstream: GrpcUpstream, method: str,
+        request_message: Message, response_type: type[Message]) -> None:
+    request_id = f"admin-{uuid.uuid4().hex}"
+    reply = _unary(admin_gateway, method, request_message, response_type, request_id)
+    assert isinstance(reply, response_type)
+    assert grpc_upstream.methods_for(request_id) == [method]
+    entry = _logged(admin_gateway, request_id)
+    assert (entry["status"], entry["grpc_status"], entry["route"]) == (200, "0", "repository")
+
+
+@pytest.mark.parametrize("method", UNKNOWN_METHODS)
+def test_grpc_methods_off_the_allow_list_are_denied_to_everyone(
+        gateway: GatewayProcess, admin_gateway: GatewayProcess, grpc_upstream: GrpcUpstream,
+        method: str) -> None:
+    request_id = f"unknown-{uuid.uuid4().hex}"
+    for target in (gateway, admin_gateway):
+        with pytest.raises(grpc.RpcError) as denied:
+            _unary(target, method, pb.ModelInferRequest(model_name="kronos"),
+                   pb.ModelInferResponse, request_id)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.details() == "method not served through the gateway"
+        entry = _logged(target, request_id)
+        assert (entry["status"], entry["grpc_status"]) == (403, "7")
+    assert grpc_upstream.methods_for(request_id) == []  # never reached the model server
+
+
+def test_grpc_unknown_method_is_logged_with_route_other(gateway: GatewayProcess) -> None:
+    request_id = f"other-{uuid.uuid4().hex}"
+    with pytest.raises(grpc.RpcError):
+        _unary(gateway, f"{INFERENCE}NoSuchMethod", pb.ServerLiveRequest(),
+               pb.ServerLiveResponse, request_id)
+    entry = _logged(gateway, request_id)
+    assert entry["route"] == "other" and entry["uri"] == f"{INFERENCE}NoSuchMethod"
 
 
 def test_grpc_outside_allow_list_is_denied(make_gateway: GatewayFactory) -> None:
     closed = make_gateway(allow_cidrs=["10.0.0.0/8"])
+    request_id = f"outsider-{uuid.uuid4().hex}"
     with pytest.raises(grpc.RpcError) as denied:
-        _stub(closed).ServerLive(pb.ServerLiveRequest(), timeout=5)
+        _stub(closed).ServerLive(pb.ServerLiveRequest(), timeout=5,
+                                 metadata=[("x-request-id", request_id)])
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert denied.value.details() == "client address not allowed"
+    entry = _logged(closed, request_id)
+    assert (entry["status"], entry["grpc_status"], entry["route"]) == (403, "7", "grpc")
 
 
 def test_grpc_oversized_message_is_refused_before_upstream(
@@ -268,6 +504,15 @@ def test_grpc_over_the_rate_gets_resource_exhausted(make_gateway: GatewayFactory
 def test_error_log_has_no_configuration_warnings(gateway: GatewayProcess) -> None:
     call(gateway, INFER, method="POST", body=b"{}")
     call(gateway, INFER, method="POST", body=b"{}", source=OUTSIDER)
+    call(gateway, "/not-served")
+    # a malformed request line is refused (400) before any rewrite directive runs
+    with socket.create_connection(("127.0.0.1", gateway.settings.http_port), timeout=5) as raw:
+        raw.sendall(b"GARBAGE\r\n\r\n")
+        assert raw.recv(64).startswith(b"HTTP/1.1 400")
+    deadline = time.monotonic() + 10
+    while not any(e["status"] == 400 for e in log_entries(gateway)):
+        assert time.monotonic() < deadline, "the 400 was not logged"
+        time.sleep(0.05)
     errors = gateway.stderr_path.read_text()
     for bad in ("uninitialized", "[emerg]", "[alert]", "[crit]"):
         assert bad not in errors, errors

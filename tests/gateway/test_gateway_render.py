@@ -71,6 +71,24 @@ def test_values_that_could_break_or_inject_config_are_rejected(field: str, value
         GatewaySettings(**{field: value})
 
 
+def test_ports_must_differ() -> None:
+    # the rendered config tells REST from gRPC requests by the port they arrive on
+    with pytest.raises(ValidationError, match="must differ"):
+        GatewaySettings(http_port=9000, grpc_port=9000)
+    with pytest.raises(ValidationError, match="must differ"):
+        GatewaySettings(grpc_port=8002)  # the default status port
+
+
+def test_allow_list_reads_the_grpc_port_and_keeps_repository_rpcs_admin_only() -> None:
+    text = render_config(GatewaySettings(grpc_port=18001))
+    assert "18001 grpc;" in text  # $kronos_protocol: requests on the gRPC port
+    admin_lines = [line for line in text.splitlines() if line.rstrip().endswith("admin:repository;")]
+    assert any("inference\\.GRPCInferenceService/Repository" in line for line in admin_lines)
+    assert any("ModelRepositoryService/Repository" in line for line in admin_lines)
+    open_grpc = next(line for line in text.splitlines() if line.rstrip().endswith("open:grpc;"))
+    assert "Repository" not in open_grpc
+
+
 def test_unknown_placeholder_is_an_error() -> None:
     with pytest.raises(KeyError, match="nope"):
         render_config(GatewaySettings(), template="worker_processes {{ nope }};")

@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from gateway_helpers import free_port
 
 from serving.gateway.process import wait_for_port
+from serving.local_server import free_port
 
 pytestmark = pytest.mark.integration  # real nginx and exporter processes
 
@@ -61,6 +62,16 @@ def _let_others_traverse(path: Path) -> None:
             os.chmod(parent, parent.stat().st_mode | 0o001)
 
 
+def _wait_for_pid_file(pid_file: Path, process: subprocess.Popen[bytes],
+                      timeout_s: float) -> None:
+    """Block until nginx's master (this process, after exec) has written its pid file."""
+    deadline = time.monotonic() + timeout_s
+    while not (pid_file.exists() and pid_file.read_text().strip() == str(process.pid)):
+        assert process.poll() is None, "the gateway exited"
+        assert time.monotonic() < deadline, f"no {pid_file} after {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
     prefix = tmp_path / "gateway"
     prefix.mkdir()
@@ -83,6 +94,9 @@ def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
                           str(prefix), "--check", "--exec"]),
         cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     try:
+        # `--check` runs `nginx -t` first, which binds the ports for a moment too: wait for
+        # the real master (it writes the pid file) before connecting.
+        _wait_for_pid_file(prefix / "nginx.pid", process, timeout_s=30)
         wait_for_port("127.0.0.1", status_port, timeout_s=15)
         url = f"http://127.0.0.1:{status_port}/gateway/health"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -92,9 +106,12 @@ def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
         assert _uid(process.pid) != 0  # and the master
         assert (prefix / "nginx.pid").read_text().strip() == str(process.pid)
         assert (prefix / "logs" / "access.log").exists()
-    finally:
+    except Exception as error:
         process.terminate()
         _, stderr = process.communicate(timeout=10)
+        raise AssertionError(f"gateway failed; its stderr: {stderr.decode()}") from error
+    process.terminate()
+    _, stderr = process.communicate(timeout=10)
     assert b"emerg" not in stderr, stderr.decode()
 
 

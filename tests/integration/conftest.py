@@ -3,7 +3,7 @@
 in front of that server (REST and gRPC), all on 127.0.0.1 and free ports.
 
 The MLServer process is started by `start_server` from tests/serving/serving_helpers.py
-(made importable by integration_helpers.py), which captures the server's stdout and
+(made importable by integration_helpers.py; `serving.local_server` underneath), which captures the server's stdout and
 stderr (its inference worker's included) in the file `Server.log`.
 """
 
@@ -13,37 +13,24 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 from integration_helpers import ADMIN, CLIENT, Stack
-from mlflow import MlflowClient
-from serving_helpers import MODEL_NAME, TINY_MAX_CONTEXT, free_port, start_server
+from serving_helpers import TINY_MAX_CONTEXT, start_server
 
-from model_package.log_model import log_kronos_model
 from serving.gateway.process import GatewayProcess
 from serving.gateway.render import GatewaySettings
+from serving.local_server import LocalRegistry, free_port
 
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory: pytest.TempPathFactory,
-                 tiny_checkpoints: tuple[Path, Path]) -> Iterator[str]:
+                 tiny_checkpoints: tuple[Path, Path]) -> str:
     """A sqlite registry holding the tiny pair as `kronos` version 1, alias `champion`."""
-    root = tmp_path_factory.mktemp("integration-registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment = client.create_experiment("kronos-integration-tests",
-                                              artifact_location=(root / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = log_kronos_model(*tiny_checkpoints, registered_model_name=MODEL_NAME,
-                                    max_context=TINY_MAX_CONTEXT, example_rows=16)
-        client.set_registered_model_alias(MODEL_NAME, "champion",
-                                          str(info.registered_model_version))
-        yield uri
-    finally:
-        mlflow.set_tracking_uri(previous)
+    registry = LocalRegistry.create(tmp_path_factory.mktemp("integration-registry"),
+                                    "kronos-integration-tests")
+    registry.log_version(*tiny_checkpoints, max_context=TINY_MAX_CONTEXT, champion=True,
+                         example_rows=16)
+    return registry.tracking_uri
 
 
 @pytest.fixture(scope="module")

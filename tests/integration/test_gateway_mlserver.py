@@ -19,10 +19,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from integration_helpers import Stack
-from mlserver.grpc import dataplane_pb2 as pb
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import MODEL_NAME, grpc_request, history, v2_request
+from serving_helpers import (
+    MODEL_NAME,
+    grpc_request,
+    grpc_response_frame,
+    history,
+    response_frame,
+    v2_request,
+)
 
 from serving.monitoring.metric_names import model_server_metric_names
 
@@ -53,26 +59,6 @@ class Traffic:
     grpc_frame: pd.DataFrame
 
 
-def grpc_frame(reply: pb.ModelInferResponse) -> pd.DataFrame:
-    """The outputs of a ModelInferResponse as a frame (timestamps parsed)."""
-    columns: dict[str, list] = {}
-    for output in reply.outputs:
-        if output.datatype == "BYTES":
-            columns[output.name] = [b.decode() for b in output.contents.bytes_contents]
-        else:
-            columns[output.name] = list(output.contents.fp64_contents)
-    frame = pd.DataFrame(columns)
-    frame["timestamp"] = pd.to_datetime(frame["timestamp"])
-    return frame
-
-
-def rest_frame(body: dict) -> pd.DataFrame:
-    """The outputs of a V2 REST response as a frame (timestamps parsed)."""
-    frame = pd.DataFrame({o["name"]: o["data"] for o in body["outputs"]})
-    frame["timestamp"] = pd.to_datetime(frame["timestamp"])
-    return frame
-
-
 def new_request_id(kind: str) -> str:
     return f"it-{kind}-{uuid.uuid4().hex}"
 
@@ -99,7 +85,7 @@ def traffic(stack: Stack) -> Traffic:
         grpc_id=grpc_id, grpc_header_id=initial.get("x-request-id"),
         grpc_parameters={k: v.string_param or v.int64_param
                          for k, v in grpc_reply.parameters.items()},
-        grpc_frame=grpc_frame(grpc_reply))
+        grpc_frame=grpc_response_frame(grpc_reply))
 
 
 def assert_forecast(forecast: pd.DataFrame, history_frame: pd.DataFrame) -> None:
@@ -117,7 +103,7 @@ def test_rest_and_grpc_inference_through_the_gateway(traffic: Traffic) -> None:
     assert traffic.rest_status == 200, traffic.rest_body
     assert traffic.rest_header_id == traffic.rest_id  # the client's id is echoed
     assert traffic.rest_body["parameters"]["model_version"] == "1"
-    rest = rest_frame(traffic.rest_body)
+    rest = response_frame(traffic.rest_body)
     assert_forecast(rest, traffic.history)
 
     assert traffic.grpc_parameters["model_version"] == "1"

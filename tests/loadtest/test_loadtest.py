@@ -9,6 +9,7 @@ on two shared cores: about 90 s).
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import sys
@@ -29,7 +30,15 @@ from serving.loadtest.payloads import (
     make_spec,
     rest_body,
 )
-from serving.loadtest.soak import MB, OVERLOAD_SUFFIX, Row, check, parse_args, read_stats
+from serving.loadtest.soak import (
+    MB,
+    OVERLOAD_SUFFIX,
+    Row,
+    check,
+    load_cost,
+    parse_args,
+    read_stats,
+)
 from serving.v2 import request_frame, request_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,8 +119,21 @@ def test_soak_rules() -> None:
     failing = _rows(REST_infer=(10, 1, 900.0))
     assert any("1 failed" in p for p in check({"below": failing, "above": above}, 0, 0, args))
     assert any("RSS grew" in p for p in check({"below": below, "above": above}, 0, 200 * MB, args))
-    with pytest.raises(SystemExit):
-        parse_args(["--below-users", "3", "--max-series", "3", "--queue-capacity", "6"])
+
+
+def test_soak_queue_budget_is_sized_from_the_load_cost() -> None:
+    cost = load_cost("small", 3, 256)  # the defaults' costliest request
+    assert (cost.series, cost.candles, cost.pred_len, cost.sample_count) == (3, 256, 30, 4)
+    assert parse_args([]).queue_budget_mb == 2 * cost.request_mb  # 2 users below
+    worst_mb = cost.worst_bytes / MB
+    assert parse_args(["--queue-budget-mb", f"{math.ceil(2000 * worst_mb) / 1000}"])
+    with pytest.raises(SystemExit):  # phase below could fill the queue
+        parse_args(["--below-users", "3", "--queue-budget-mb", f"{2.5 * worst_mb:.3f}"])
+    with pytest.raises(SystemExit):  # no request of the load fits
+        parse_args(["--below-users", "1", "--queue-budget-mb", f"{0.5 * worst_mb:.3f}"])
+    with pytest.raises(SystemExit):  # above: 12 users, 8 series running, 4 queued at most
+        parse_args(["--queue-budget-mb", f"{4 * cost.request_mb}"])
+    assert parse_args(["--queue-budget-mb", f"{4 * cost.request_mb}", "--max-batch-size", "4"])
 
 
 def test_read_stats(tmp_path: Path) -> None:

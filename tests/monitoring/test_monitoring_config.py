@@ -33,11 +33,13 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 # The serving runtime's metric contract (kronos_* from the MLServer worker), Prometheus'
 # own `up`, and the gateway exporter's series.
-RUNTIME_COUNTERS = {"kronos_requests_total", "kronos_generated_candles_total"}
+RUNTIME_COUNTERS = {"kronos_requests_total", "kronos_generated_candles_total", "kronos_abandoned_series_total"}
 RUNTIME_HISTOGRAMS = {"kronos_request_seconds", "kronos_queue_wait_seconds",
                       "kronos_inference_seconds", "kronos_batch_series", "kronos_batch_requests",
                       "kronos_step_series"}
-RUNTIME_GAUGES = {"kronos_queue_series", "kronos_queue_capacity_series", "kronos_model_info",
+RUNTIME_GAUGES = {"kronos_queue_series", "kronos_queue_cost_bytes", "kronos_queue_budget_bytes",
+                  "kronos_running_series", "kronos_running_cost_bytes", "kronos_running_budget_bytes",
+                  "kronos_model_info",
                   "kronos_model_version", "kronos_ready",
                   "kronos_last_progress_timestamp_seconds",
                   "kronos_worker_resident_memory_bytes"}
@@ -129,7 +131,7 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
     ("          or\n          (max by (job, instance) (up{job=\"kronos\"}) == 1\n"
      "            unless on (job, instance) max by (job, instance) (kronos_ready))\n", "\n"),
     # invalid requests counted as failures
-    ('outcome=~"error|timeout"', 'outcome=~"error|timeout|invalid"'),
+    ('outcome=~"error|timeout|unavailable"', 'outcome=~"error|timeout|unavailable|invalid"'),
 ])
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
     text = ALERTS_PATH.read_text()

@@ -11,19 +11,18 @@ from pathlib import Path
 
 from mlflow.models.model import ModelInfo
 
+from serving.local_server import LocalRegistry
+
 MODEL_NAME = "kronos"
 TINY_MAX_CONTEXT = 128
 SUBPROCESS_TIMEOUT_S = 300
 
 
-@dataclass
-class Registry:
+@dataclass(frozen=True)
+class Registry(LocalRegistry):
     """A sqlite registry in a temp dir with one logged and registered Kronos version."""
 
-    tracking_uri: str
-    root: Path
     info: ModelInfo
-    experiment_id: str
 
 
 def clean_env(**extra: str) -> dict[str, str]:

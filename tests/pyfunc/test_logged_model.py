@@ -55,6 +55,12 @@ def expected(tiny_checkpoints, history) -> pd.DataFrame:
     return forecaster.predict(history, PARAMS["pred_len"], top_k=1, quantiles=PARAMS["quantiles"])
 
 
+def _ns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Timestamps in nanoseconds: the forecaster keeps its input's resolution (microseconds
+    by default under pandas 3), while MLflow's schema check hands the pyfunc nanoseconds."""
+    return frame.assign(timestamp=frame["timestamp"].astype("datetime64[ns]"))
+
+
 def _run(registry, tmp_path: Path, history: pd.DataFrame, uri: str, prelude: str = "",
          isolated: bool = False) -> tuple[pd.DataFrame, str]:
     history_path, out_path = tmp_path / "history.parquet", tmp_path / "forecast.parquet"
@@ -69,7 +75,7 @@ def _run(registry, tmp_path: Path, history: pd.DataFrame, uri: str, prelude: str
 def test_registry_version_in_new_process_matches_forecaster(registry, tmp_path, history, expected):
     assert registry.info.registered_model_version == 1
     forecast, _ = _run(registry, tmp_path, history, f"models:/{MODEL_NAME}/1")
-    pd.testing.assert_frame_equal(forecast, expected)
+    pd.testing.assert_frame_equal(_ns(forecast), _ns(expected))
     assert list(forecast.columns[:8]) == ["series_id", "timestamp", "open", "high", "low",
                                           "close", "volume", "amount"]
     assert {"close_q0.2", "close_q0.8"} <= set(forecast.columns)
@@ -84,7 +90,7 @@ def test_model_folder_runs_without_the_project(tracking, tmp_path, history, expe
     prelude = WITHOUT_PROJECT.format(repo=repo)
     forecast, module = _run(tracking, tmp_path, history, str(model_dir), prelude, isolated=True)
     assert Path(module).resolve().is_relative_to(model_dir.resolve()), module
-    pd.testing.assert_frame_equal(forecast, expected)
+    pd.testing.assert_frame_equal(_ns(forecast), _ns(expected))
 
 
 def test_checkpoints_are_copied_into_the_model(tracking, tmp_path):

@@ -1,88 +1,90 @@
-"""A real `mlflow models serve -m models:/kronos@champion` process: forecasts over
-/invocations, and HTTP 400 naming the problem for bad requests."""
+"""A real `mlflow models serve -m models:/kronos@champion` process, started with the
+command the README documents (read from README.md), from a shell whose PATH does not hold
+the venv: forecasts over /invocations, and HTTP 400 naming the problem for bad requests."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
+import re
+import shutil
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from pyfunc_helpers import MODEL_NAME, TINY_MAX_CONTEXT, clean_env
+from support import HttpProcess, start_models_serve
 
 from model_package import KronosForecaster
 from model_package.data import load_index
+from serving.local_server import free_port
 
+pytestmark = pytest.mark.integration  # starts a real `mlflow models serve`
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_PORT = "-p 5001"
 START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 60
 
 
-@dataclass
-class Server:
-    url: str
-    log: Path
+def readme_serve_command() -> str:
+    """The `mlflow models serve` command of the README's "Local serving" block, with its
+    backslash continuations joined: exactly what a user pastes into a shell."""
+    text = README.read_text()
+    start = text.index("Local serving:")
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.DOTALL)
+    assert block, "README: no bash block after 'Local serving:'"
+    joined = re.sub(r"\\\n\s*", " ", block.group(1))
+    commands = [line for line in joined.splitlines() if "mlflow models serve" in line]
+    assert len(commands) == 1, f"README: expected one `mlflow models serve` line: {commands}"
+    return commands[0].strip()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _path_without_venv(path: str) -> str:
+    """PATH with this venv's bin directory removed, as in a shell that never activated it."""
+    venv_bins = {Path(sys.executable).parent.resolve(), (Path(sys.prefix) / "bin").resolve()}
+    kept = [entry for entry in path.split(os.pathsep)
+            if entry and Path(entry).resolve() not in venv_bins]
+    return os.pathsep.join(kept)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+def test_readme_command_is_the_local_serving_form() -> None:
+    command = readme_serve_command()
+    # mlflow starts the scoring server as `bash -c "exec uvicorn ..."`: uvicorn is found
+    # on PATH only, so the documented command puts the venv's bin first itself
+    assert command.startswith('PATH="$PWD/.venv/bin:$PATH" '), command
+    assert "--env-manager local" in command and f"models:/{MODEL_NAME}@champion" in command
+    assert README_PORT in command
 
 
 @pytest.fixture(scope="module")
-def server(registry, tmp_path_factory) -> Iterator[Server]:
-    """`mlflow models serve` of the champion on 127.0.0.1 and a free port."""
+def server(registry, tmp_path_factory) -> Iterator[HttpProcess]:
+    """The README's command, run by bash in a directory laid out like the checkout after
+    `make serve`: `.venv` (this interpreter's venv) and `.state/mlflow` (the test registry),
+    with a PATH that does not hold the venv. Only the port is changed (a free one)."""
     workdir = tmp_path_factory.mktemp("serve")
-    port = _free_port()
-    log = workdir / "server.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve",
-               "-m", f"models:/{MODEL_NAME}@champion", "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    env = clean_env(MLFLOW_TRACKING_URI=registry.tracking_uri)
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"server exited:\n{log.read_text()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in {START_TIMEOUT_S}s:\n" \
-                                                f"{log.read_text()[-4000:]}"
-            time.sleep(0.5)
-        yield Server(url, log)
-    finally:
-        _stop(process)
+    (workdir / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    (workdir / ".state").mkdir()
+    (workdir / ".state" / "mlflow").symlink_to(registry.root, target_is_directory=True)
+    assert (workdir / ".state" / "mlflow" / "mlflow.db").exists()
+    port = free_port()
+    command = readme_serve_command().replace(README_PORT, f"-p {port}")
+    env = clean_env()
+    env["PATH"] = _path_without_venv(env["PATH"])
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the command sets its own
+    found = shutil.which("uvicorn", path=env["PATH"])
+    assert found is None or not Path(found).resolve().is_relative_to(Path(sys.prefix).resolve())
+    with start_models_serve(command, port, workdir / "server.log", workdir, env,
+                            timeout_s=START_TIMEOUT_S) as server:
+        yield server
 
 
-def _invoke(server: Server, body: dict) -> tuple[int, dict]:
+def _invoke(server: HttpProcess, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(f"{server.url}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     try:

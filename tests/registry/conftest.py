@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from registry_helpers import MlflowServer, Postgres
+from support import Postgres, start_mlflow_server
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def postgres_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     root = tmp_path_factory.mktemp("mlflow-server")
     cluster = Postgres.start()
     try:
-        server = MlflowServer.start(cluster.url, root / "artifacts", root / "server.log")
+        server = start_mlflow_server(cluster.url, root / "artifacts", root / "server.log")
         try:
             yield server.url
         finally:

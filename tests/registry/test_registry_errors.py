@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from registry_helpers import free_port, run_cli
+from registry_helpers import one_line_error, run_cli
 
-
-def _one_line_error(result, code: int) -> str:
-    assert result.returncode == code, f"rc={result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+from serving.local_server import free_port
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +23,19 @@ def bare_registry(new_sqlite_uri: Callable[[str], str]) -> str:
 
 def test_unreachable_registry_fails_fast_with_code_4() -> None:
     started = time.monotonic()
-    line = _one_line_error(run_cli(f"http://127.0.0.1:{free_port()}", "history"), 4)
+    line = one_line_error(run_cli(f"http://127.0.0.1:{free_port()}", "history"), 4)
     assert "unreachable" in line
     assert time.monotonic() - started < 120
 
 
 @pytest.mark.parametrize("args", [["promote", "nosuchalias"], ["show", "42"]], ids=["alias", "version"])
 def test_unknown_alias_or_version_gives_code_5(bare_registry: str, args: list[str]) -> None:
-    line = _one_line_error(run_cli(bare_registry, *args), 5)
+    line = one_line_error(run_cli(bare_registry, *args), 5)
     assert "nosuchalias" in line or "'42'" in line
 
 
 def test_corrupt_csv_gives_code_6(bare_registry: str, tmp_path: Path) -> None:
     path = tmp_path / "corrupt.csv"
     path.write_bytes(b'timestamp,open,high,low,close\n2024-01-02,1,2,0.5,1.5\n"2024-01-03,1,2\x00\xff')
-    line = _one_line_error(run_cli(bare_registry, "evaluate", "1", "--data", str(path)), 6)
+    line = one_line_error(run_cli(bare_registry, "evaluate", "1", "--data", str(path)), 6)
     assert "corrupt.csv" in line

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
-from registry_helpers import run_cli
+from registry_helpers import one_line_error, run_cli
 
 MODEL = "kronos"
 TINY_EVAL = ["--windows", "2", "--context", "48", "--horizon", "4", "--samples", "3"]
@@ -18,14 +18,6 @@ def _ok(result) -> None:
 def _aliases(client: MlflowClient) -> dict[str, str]:
     """Aliases as strings (sqlite returns int versions, HTTP returns str)."""
     return {alias: str(v) for alias, v in client.get_registered_model(MODEL).aliases.items()}
-
-
-def _one_line_error(result, code: int) -> str:
-    assert result.returncode == code, f"rc={result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.mark.integration
@@ -63,7 +55,7 @@ def test_log_promote_evaluate_gate_rollback_history(registry_uri: str) -> None:
     # demo weights lose to persistence: the default gate refuses, champion stays
     mase = float(client.get_model_version(MODEL, "2").tags["eval.mase"])
     assert mase > 1.0
-    refused = _one_line_error(run_cli(registry_uri, "promote"), 3)
+    refused = one_line_error(run_cli(registry_uri, "promote"), 3)
     assert "does not beat persistence" in refused and f"{mase:.4f}" in refused
     assert _aliases(client)["champion"] == "1"
 

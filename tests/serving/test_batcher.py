@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from serving_helpers import history
 
 import serving.cohort as cohort_module
 from model_package import KronosForecaster, SamplingParams
+from model_package.budget import prepared_cost
 from serving.batcher import (
     BatcherConfig,
     DeadlineExceededError,
@@ -24,20 +24,30 @@ class Recorder:
     """Observer keeping what the batcher reports."""
 
     def __init__(self) -> None:
-        self.passes: list[tuple[int, int]] = []
+        self.cohorts: list[tuple[int, int]] = []
         self.queue: list[int] = []
         self.waits: list[float] = []
         self.steps = 0
         self.step_series: list[int] = []
+        self.queue_bytes: list[int] = []
+        self.running: list[tuple[int, int]] = []
+        self.abandons: list[tuple[int, str]] = []
 
-    def queue_changed(self, series: int) -> None:
+    def queue_changed(self, series: int, cost_bytes: int) -> None:
         self.queue.append(series)
+        self.queue_bytes.append(cost_bytes)
+
+    def running_changed(self, series: int, cost_bytes: int) -> None:
+        self.running.append((series, cost_bytes))
+
+    def abandoned(self, series: int, reason: str) -> None:
+        self.abandons.append((series, reason))
 
     def waited(self, seconds: float) -> None:
         self.waits.append(seconds)
 
-    def pass_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
-        self.passes.append((series, requests))
+    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+        self.cohorts.append((series, requests))
 
     def stepped(self, series: int) -> None:
         self.step_series.append(series)
@@ -71,7 +81,7 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
 
     frames = asyncio.run(main())
     # one-path requests form one cohort, the one with two paths another; all share steps
-    assert sorted(recorder.passes) == [(3, 1), (3, 2)]
+    assert sorted(recorder.cohorts) == [(3, 1), (3, 2)]
     assert max(recorder.step_series) == 6
     for got, want in zip(frames, expected, strict=True):
         pd.testing.assert_frame_equal(got, want, rtol=1e-5)
@@ -111,7 +121,7 @@ def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
 
     frames = asyncio.run(main())
     assert answered[-1] == "long" and sorted(answered[:2]) == ["merged", "paths"]
-    assert recorder.passes[-1] == (1, 1) and sorted(recorder.passes[:2]) == [(1, 1), (2, 1)]
+    assert recorder.cohorts[-1] == (1, 1) and sorted(recorder.cohorts[:2]) == [(1, 1), (2, 1)]
     assert max(recorder.step_series) == 4  # 1 + 2 merged + 1 beside: all in one step
     for name, want in expected.items():
         pd.testing.assert_frame_equal(frames[name], want, rtol=1e-5)
@@ -147,55 +157,110 @@ def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch)
         pd.testing.assert_frame_equal(got, want, rtol=1e-5)
 
 
-def test_full_queue_is_refused_at_once(forecaster):
+def test_queue_budget_refuses_at_once(forecaster):
+    """The queue holds requests up to its budget in bytes of their costs; beyond: refused
+    when submitted, and before decoding once the budget is taken."""
+    requests = [forecaster.prepare(history(ids, seed), SamplingParams(2))
+                for ids, seed in ((["a", "b"], 1), (["c", "d"], 2), (["e"], 3))]
+    costs = [prepared_cost(forecaster, r).memory_bytes for r in requests]
+    budget = costs[0] + costs[2]  # the first and the third fit together, the second not
+
     async def main() -> None:
-        batcher = SeriesBatcher(BatcherConfig(max_batch_series=4, max_batch_time_s=5,
-                                              queue_capacity_series=3))
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=4, max_batch_time_s=600,
+                                              queue_budget_bytes=budget))
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(
-            forecaster, forecaster.prepare(history(["a", "b"], 1), SamplingParams(2)), 60))
+        first = asyncio.ensure_future(batcher.submit(forecaster, requests[0], 60))
         await asyncio.sleep(0)
-        started = time.monotonic()
-        with pytest.raises(OverloadedError):
-            await batcher.submit(
-                forecaster, forecaster.prepare(history(["c", "d"], 2), SamplingParams(2)), 60)
-        assert time.monotonic() - started < 0.5
-        batcher.reject_if_full()  # 2 of 3 series queued: one more still fits
-        third = asyncio.ensure_future(batcher.submit(
-            forecaster, forecaster.prepare(history(["e"], 3), SamplingParams(2)), 60))
+        assert batcher.queued_bytes == costs[0]
+        with pytest.raises(OverloadedError, match="queue's"):
+            await batcher.submit(forecaster, requests[1], 60)
+        batcher.reject_if_full()  # room left: no refusal yet
+        third = asyncio.ensure_future(batcher.submit(forecaster, requests[2], 60))
         await asyncio.sleep(0)
+        assert batcher.queued_bytes == budget
         with pytest.raises(OverloadedError):  # full: refused before any decoding
             batcher.reject_if_full()
         first.cancel()
         third.cancel()
+        await asyncio.gather(first, third, return_exceptions=True)
+        assert batcher.queued_bytes == 0 and batcher.queued_series == 0  # cancelled = dequeued
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
 
 
+def test_running_budget_keeps_requests_queued_until_room(forecaster):
+    """While a request runs, another joins only when the running budget has room for it."""
+    slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=30, top_k=1))
+    quick = forecaster.prepare(history(["y"], 4), SamplingParams(pred_len=2, top_k=1))
+    budget = prepared_cost(forecaster, slow).memory_bytes  # no room for a second request
+    recorder = Recorder()
+
+    async def main() -> None:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.01, running_budget_bytes=budget), recorder)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(forecaster, slow, 60))
+        while recorder.steps < 2:
+            await asyncio.sleep(0.001)
+        second = asyncio.ensure_future(batcher.submit(forecaster, quick, 60))
+        await asyncio.sleep(0.05)
+        assert batcher.queued_series == 1  # waits for room, not joined
+        await asyncio.gather(first, second)
+        await batcher.drain_and_stop(10)
+
+    asyncio.run(main())
+    assert all(cost <= budget for _, cost in recorder.running)
+    assert recorder.cohorts == [(1, 1), (1, 1)]
+
+
 def test_deadline_abandons_the_series_and_frees_the_worker(forecaster):
     recorder = Recorder()
+    steps = 2000 // 40
 
     async def main() -> None:
         batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.01), recorder)
         batcher.start()
-        slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=2000 // 40,
-                                                                               sample_count=64))
-        started = time.monotonic()
+        slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=steps, sample_count=64))
         with pytest.raises(DeadlineExceededError):
             await batcher.submit(forecaster, slow, 0.3)
         quick = forecaster.prepare(history(["y"], 4), SamplingParams(pred_len=2, top_k=1))
         result = await batcher.submit(forecaster, quick, 60)
         assert len(result.frame) == 2
-        assert time.monotonic() - started < 20
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
-    assert len(recorder.passes) == 2
-    assert recorder.steps < 50 + 2  # the slow pass stopped before its 50 steps
+    assert len(recorder.cohorts) == 2
+    assert recorder.abandons == [(1, "deadline")]
+    assert recorder.steps < steps + 2  # the slow pass stopped before its 50 steps
 
 
-def test_jobs_of_two_models_run_in_separate_passes(forecaster, tiny_checkpoints):
+def test_a_cancelled_request_leaves_generation_at_the_next_step(forecaster):
+    """The task awaiting a request is cancelled (the client went away): its series are
+    dropped at the next step, counted as cancelled, and the worker goes idle."""
+    recorder = Recorder()
+    steps = 64  # the forecaster's max_context
+
+    async def main() -> None:
+        batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.01), recorder)
+        batcher.start()
+        slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=steps, sample_count=16))
+        task = asyncio.ensure_future(batcher.submit(forecaster, slow, 600))
+        while recorder.steps < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while batcher.running_bytes:  # answered internally once its series left generation
+            await asyncio.sleep(0.01)
+        await batcher.drain_and_stop(10)
+
+    asyncio.run(main())
+    assert recorder.abandons == [(1, "cancelled")]
+    assert recorder.steps < steps
+    assert recorder.running[-1] == (0, 0)
+
+
+def test_jobs_of_two_models_run_in_separate_cohorts(forecaster, tiny_checkpoints):
     tokenizer_dir, model_dir = tiny_checkpoints
     other = KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=64, device="cpu")
     recorder = Recorder()
@@ -211,4 +276,35 @@ def test_jobs_of_two_models_run_in_separate_passes(forecaster, tiny_checkpoints)
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
-    assert sorted(recorder.passes) == [(1, 1), (2, 2)]
+    assert sorted(recorder.cohorts) == [(1, 1), (2, 2)]
+
+
+def test_cohorts_are_split_where_padding_would_cost_more_than_charged(tmp_path):
+    """Requests of similar shape are prefilled together; one whose horizon would pad the
+    others' caches beyond what they were charged starts a cohort of its own (priced with
+    the Kronos-small shape, where caches dominate; nothing is generated)."""
+    from dataclasses import dataclass
+
+    from model_package.kronos import write_random_checkpoint
+    from model_package.kronos.presets import preset_by_name
+    from serving.cohort import cohorts_within_cost
+
+    preset = preset_by_name("NeoQuasar/Kronos-small")
+    small = KronosForecaster.from_pretrained(
+        write_random_checkpoint(preset.tokenizer_config, tmp_path / "tokenizer", 1),
+        write_random_checkpoint(preset.model_config, tmp_path / "model", 2), max_context=512, device="cpu")
+
+    @dataclass
+    class Priced:
+        forecaster: KronosForecaster
+        request: object
+        cost: object
+
+    def priced(params: SamplingParams) -> Priced:
+        request = small.prepare(history(["s"], 1, length=300), params)
+        return Priced(small, request, prepared_cost(small, request))
+
+    short = [priced(SamplingParams(pred_len=5, sample_count=32)) for _ in range(3)]
+    long = priced(SamplingParams(pred_len=200, sample_count=32))
+    assert [len(run) for run in cohorts_within_cost([*short, long])] == [3, 1]
+    assert [len(run) for run in cohorts_within_cost([*short, *short])] == [6]

@@ -17,14 +17,20 @@ import grpc
 import httpx
 import pandas as pd
 import pytest
+from mlserver.grpc import dataplane_pb2_grpc
 from serving_helpers import (
     MODEL_NAME,
+    QUEUE_BUDGET_MB,
+    RawPost,
     grpc_infer,
+    grpc_request,
     history,
     metric_value,
     response_frame,
     v2_request,
 )
+
+from model_package.budget import request_cost
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +38,9 @@ KRONOS_METRICS = (
     "kronos_requests_total", "kronos_request_seconds_bucket", "kronos_queue_wait_seconds_bucket",
     "kronos_inference_seconds_bucket", "kronos_batch_series_bucket",
     "kronos_batch_requests_bucket", "kronos_step_series_bucket", "kronos_generated_candles_total",
-    "kronos_queue_series",
-    "kronos_queue_capacity_series", "kronos_model_info", "kronos_model_version", "kronos_ready",
+    "kronos_queue_series", "kronos_queue_cost_bytes", "kronos_queue_budget_bytes",
+    "kronos_running_series", "kronos_running_cost_bytes", "kronos_running_budget_bytes",
+    "kronos_model_info", "kronos_model_version", "kronos_ready",
     "kronos_last_progress_timestamp_seconds", "kronos_worker_resident_memory_bytes",
 )
 
@@ -145,8 +152,8 @@ def test_bad_inputs_get_400_and_leave_the_server_healthy(server):
         (good, {"pred_len": {"nested": 1}}, "pred_len"),
         (good, {"temprature": 0.5}, "unknown param"),
         (good, {"pred_len": 2, "timeout_s": "-1"}, "timeout_s"),
-        (history([f"s{i}" for i in range(49)], seed=1, length=8), {"pred_len": 2},
-         "queue_capacity_series"),
+        (history([f"s{i}" for i in range(4)], seed=1, length=40), {"pred_len": 100, "sample_count": 64},
+         "max_request_memory_mb"),
     ]
     with httpx.Client(timeout=60) as client:
         for frame, params, needle in cases:
@@ -168,33 +175,91 @@ def test_bad_inputs_get_400_and_leave_the_server_healthy(server):
     assert metric_value(server.metrics(), "kronos_requests_total", outcome="invalid") >= 10
 
 
-def test_overload_gives_503_at_once_and_a_deadline_frees_the_worker(server):
-    blocker = history([f"b{i}" for i in range(24)], seed=7)  # ~1 minute if left to run
-    fillers = [history([f"f{j}_{i}" for i in range(16)], seed=20 + j) for j in range(3)]
-    with ThreadPoolExecutor(4) as pool, httpx.Client(timeout=120) as client:
-        blocked = pool.submit(server.infer, client, blocker,
-                              {"pred_len": 100, "sample_count": 64, "timeout_s": 6})
+def wait_metric(server, name: str, at_least: float, timeout_s: float = 120, **labels: str) -> float:
+    """Poll the metrics port until `name{labels}` reaches `at_least` (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = metric_value(server.metrics(), name, **labels)
+        if value >= at_least:
+            return value
+        assert time.monotonic() < deadline, (name, labels, value, at_least)
+        time.sleep(0.1)
+
+
+BLOCKER = {"pred_len": 100, "sample_count": 4, "seed": 1}  # 24 series: minutes if left to run
+
+
+def test_overload_gives_503_at_once_and_clients_that_leave_free_the_worker(server, serving_registry):
+    """A request that would run for minutes, two queued behind it (no room in the running
+    batch), a third refused with 503 + Retry-After because the queue's budget is taken;
+    then all three clients go away: their series leave generation and the queue, and the
+    next request is served at once."""
+    forecaster = serving_registry.forecaster("1")
+    blocker = history([f"b{i}" for i in range(24)], seed=7)
+    filler = [history([f"f{j}_{i}" for i in range(16)], seed=20 + j) for j in range(3)]
+    filler_cost = request_cost(forecaster, [40 + i for i in range(16)], 100, 4).memory_bytes
+    queue_budget = QUEUE_BUDGET_MB * 2**20
+    assert 2 * filler_cost <= queue_budget < 3 * filler_cost  # two wait, the third is refused
+    before = server.metrics()
+    path = f"/v2/models/{MODEL_NAME}/infer"
+    with httpx.Client(timeout=120) as client:
+        clients = [RawPost(server.http_port, path, v2_request(blocker, BLOCKER))]
         wait_live(client, server, lambda s: s["running"] and s["queued_series"] == 0)
-        queued = [pool.submit(server.infer, client, f, {"pred_len": 2, "timeout_s": 6})
-                  for f in fillers]
-        wait_live(client, server, lambda s: s["queued_series"] == 48)  # the queue is full
-        started = time.monotonic()
-        refused = server.infer(client, history(["late"], seed=9), {"pred_len": 2})
-        refused_after = time.monotonic() - started
+        for j in range(2):
+            clients.append(RawPost(server.http_port, path, v2_request(filler[j], BLOCKER)))
+            wait_live(client, server, lambda s, n=16 * (j + 1): s["queued_series"] == n)
+        refused = server.infer(client, filler[2], BLOCKER)
         assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "2"
-        assert refused_after < 1.5
+        assert "queue" in refused.json()["error"]
         with pytest.raises(grpc.RpcError) as caught:
-            grpc_infer(server, history(["late"], seed=9), {"pred_len": 2})
+            grpc_infer(server, filler[2], {**BLOCKER, "temperature": "1.0"})
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert blocked.result().status_code == 504
-        freed_at = time.monotonic()
+        for raw in clients[1:]:
+            raw.close()  # the waiting clients give up: they leave the queue
+        wait_live(client, server, lambda s: s["running"] and s["queued_series"] == 0)
+        clients[0].close()  # then the running one: its series leave generation
+        wait_live(client, server, lambda s: not s["running"], timeout_s=180)
+        wait_metric(server, "kronos_requests_total",
+                    metric_value(before, "kronos_requests_total", outcome="cancelled") + 3, outcome="cancelled")
         assert server.infer(client, history(["after"], seed=10), {"pred_len": 2}).status_code == 200
-        assert time.monotonic() - freed_at < 20  # the blocker's 100 steps were abandoned
-        assert {q.result().status_code for q in queued} <= {200, 504}
-    text = server.metrics()
-    assert metric_value(text, "kronos_requests_total", outcome="overloaded") >= 1
-    assert metric_value(text, "kronos_requests_total", outcome="timeout") >= 1
+    after = server.metrics()
+    dropped = (metric_value(after, "kronos_abandoned_series_total", reason="cancelled")
+               - metric_value(before, "kronos_abandoned_series_total", reason="cancelled"))
+    assert dropped == 24  # the blocker's series left generation; the fillers never started
+    assert metric_value(after, "kronos_requests_total", outcome="overloaded") >= 2
+    assert metric_value(after, "kronos_queue_cost_bytes") == 0
+
+
+def test_a_deadline_abandons_the_series(server):
+    """The server's deadline (lowered by the client's timeout_s) ends a request with 504 and
+    drops its series at the next step, well before its horizon."""
+    before = metric_value(server.metrics(), "kronos_abandoned_series_total", reason="deadline")
+    with httpx.Client(timeout=300) as client:
+        reply = server.infer(client, history([f"d{i}" for i in range(24)], seed=8), {**BLOCKER, "timeout_s": 2})
+        assert reply.status_code == 504, reply.text
+        assert "deadline" in reply.json()["error"]
+        wait_metric(server, "kronos_abandoned_series_total", before + 24, reason="deadline")
+        wait_live(client, server, lambda s: not s["running"], timeout_s=180)
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_grpc_call_that_ends_early_leaves_generation(server, how):
+    """A cancelled gRPC call, or one whose client-side deadline passed, stops its work."""
+    before = metric_value(server.metrics(), "kronos_abandoned_series_total", reason="cancelled")
+    request = grpc_request(history([f"g{i}" for i in range(24)], seed=9), BLOCKER)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel, httpx.Client(timeout=60) as client:
+        stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+        if how == "cancel":
+            call = stub.ModelInfer.future(request)
+            wait_live(client, server, lambda s: s["running"])
+            call.cancel()
+        else:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, timeout=3)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_metric(server, "kronos_abandoned_series_total", before + 24, reason="cancelled")
+        wait_live(client, server, lambda s: not s["running"], timeout_s=180)
 
 
 def test_invocations_metadata_liveness_and_metrics(server, serving_registry):
@@ -222,7 +287,7 @@ def test_invocations_metadata_liveness_and_metrics(server, serving_registry):
         assert name in text, name
     assert metric_value(text, "kronos_ready") == 1
     assert metric_value(text, "kronos_model_info", model_version="1") == 1
-    assert metric_value(text, "kronos_queue_capacity_series") == 48
+    assert metric_value(text, "kronos_queue_budget_bytes") == QUEUE_BUDGET_MB * 2**20
     assert "batch_request_queue_bucket" not in text or \
         metric_value(text, "batch_request_queue_count") == 0  # MLServer's batcher never ran
 

@@ -1,0 +1,214 @@
+"""What a generation costs before it runs: memory (bytes) and candles to generate.
+
+A server must refuse work it cannot hold before doing any of it, so this module prices a
+request from counts alone (history lengths, horizon, sample paths, the two network
+shapes, the window and the generation mode) with the engine's own memory layout
+(`cached.Generation`, `generation._generate_reference`). Each term is an upper bound of
+what the engine allocates for that purpose; transient buffers of the phases that never
+overlap (prefill, a step, a window recompute, decoding) count with the largest of them.
+
+Shapes: B series, N rows (sample paths of all series), L history candles, P horizon,
+W max_context, Ln trunk layers, d model size, H heads, ff feed-forward size.
+
+    work = [SeriesWork(history_len=400, pred_len=120, sample_count=1)]
+    cost = generation_cost(NetworkShape.of(tokenizer.config, model.config, 512), work, "fast")
+    cost.memory_bytes, cost.candles
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import KronosConfig, TokenizerConfig
+
+FLOAT_BYTES = 4  # float32 activations, caches and weights
+INDEX_BYTES = 8  # int64 token ids
+DRAW_BYTES = 8  # float64 uniforms of the draw table
+# Host memory per history row of a request that a worker holds before generation starts:
+# the decoded request, the pandas frame, the float32 candles and normalised copies.
+INPUT_ROW_BYTES = 1024
+# Keys/values of the newest column are written into the suffix while rows leave a group
+# (an index_select copies the kept rows before the old tensor is freed): suffix caches
+# briefly exist twice.
+SUFFIX_COPIES = 2
+# Attention over a shared prefix (`decoding.shared_prefix_attention`) materialises its
+# scores several times (prefix scores, row scores, the joined softmax input and its
+# result). Causal passes over a whole window go through scaled_dot_product_attention,
+# whose CPU and CUDA kernels never hold the [T, T] score matrix.
+SLIDING_SCORE_COPIES = 4
+# Allocator slack and buffers too small to model one by one: every generation's bound is
+# MARGIN times the sum of its terms plus ALLOCATOR_SLACK (measured peaks were 0.3-0.9 of
+# the bound: `python -m model_package.bench --memory`).
+MARGIN = 1.25
+MIB = 1 << 20
+ALLOCATOR_SLACK = 4 * MIB
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """The sizes that decide a generation's memory."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ff_dim: int
+    s1_vocab: int
+    s2_vocab: int
+    tokenizer_d_model: int
+    tokenizer_ff_dim: int
+    max_context: int
+
+    @classmethod
+    def of(cls, tokenizer: TokenizerConfig, model: KronosConfig, max_context: int) -> NetworkShape:
+        return cls(model.n_layers, model.d_model, model.n_heads, model.ff_dim, 2**model.s1_bits,
+                   2**model.s2_bits, tokenizer.d_model, tokenizer.ff_dim, max_context)
+
+    @property
+    def kv_column_bytes(self) -> int:
+        """Keys + values of one position of one row: every trunk layer and the s2 head."""
+        return (self.n_layers + 1) * 2 * self.d_model * FLOAT_BYTES
+
+    def block_bytes(self, rows: int, length: int) -> int:
+        """Activations of one transformer block over rows x length positions (the x, q, k,
+        v, attention output and residual buffers plus the three SwiGLU intermediates)."""
+        return rows * length * (6 * self.d_model + 3 * self.ff_dim) * FLOAT_BYTES
+
+    def score_bytes(self, rows: int, queries: int, keys: int) -> int:
+        """One materialised attention score tensor [rows, H, queries, keys]."""
+        return rows * self.n_heads * queries * keys * FLOAT_BYTES
+
+    def tokenizer_pass_bytes(self, rows: int, length: int) -> int:
+        """Encoder or decoder activations of the tokenizer over rows x length candles (its
+        attention is a causal scaled_dot_product_attention, which holds no score matrix)."""
+        per_position = 6 * self.tokenizer_d_model + 3 * self.tokenizer_ff_dim
+        return rows * length * per_position * FLOAT_BYTES
+
+    def head_bytes(self, rows: int) -> int:
+        """Logits of both heads for `rows` positions, with the sort, softmax and cumulative
+        sum of nucleus sampling (values and int64 indices)."""
+        return rows * (self.s1_vocab + self.s2_vocab) * (3 * FLOAT_BYTES + INDEX_BYTES)
+
+
+@dataclass(frozen=True)
+class SeriesWork:
+    """One series to generate: its history length, horizon and sample paths."""
+
+    history_len: int
+    pred_len: int
+    sample_count: int = 1
+
+
+@dataclass(frozen=True)
+class GenerationCost:
+    """Peak memory (bytes) a generation may allocate, and candles it generates
+    (series x sample paths x steps)."""
+
+    memory_bytes: int
+    candles: int
+
+    def __add__(self, other: GenerationCost) -> GenerationCost:
+        return GenerationCost(self.memory_bytes + other.memory_bytes, self.candles + other.candles)
+
+    @property
+    def memory_mib(self) -> float:
+        return self.memory_bytes / MIB
+
+
+ZERO_COST = GenerationCost(0, 0)
+
+
+def generation_cost(shape: NetworkShape, work: Sequence[SeriesWork], mode: str = "fast",
+                    history_rows: int | None = None) -> GenerationCost:
+    """Upper bound of the memory of generating `work` as one batch in `mode`, plus the host
+    memory of a request of `history_rows` rows (default: the histories' candles)."""
+    if not work:
+        return ZERO_COST
+    rows = history_rows if history_rows is not None else sum(w.history_len for w in work)
+    candles = sum(w.sample_count * w.pred_len for w in work)
+    generation = _reference_bytes(shape, work) if mode == "reference" else _cached_bytes(shape, work, mode)
+    return GenerationCost(int(MARGIN * generation) + ALLOCATOR_SLACK + rows * INPUT_ROW_BYTES, candles)
+
+
+def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) -> int:
+    """"fast" / "rolling": persistent caches and token tables, plus the largest transient."""
+    W = shape.max_context
+    N = sum(w.sample_count for w in work)
+    Lmax = max(w.history_len for w in work)
+    Pmax = max(w.pred_len for w in work)
+    window = max(min(w.history_len, W) for w in work)  # prefixes are padded to the longest
+    prefix = len(work) * window * shape.kv_column_bytes
+    suffix = SUFFIX_COPIES * N * min(Pmax, W) * shape.kv_column_bytes
+    columns = Lmax + Pmax
+    tables = (2 * N * columns * INDEX_BYTES + len(work) * columns * 5 * FLOAT_BYTES
+              + N * Pmax * 2 * DRAW_BYTES)
+    outputs = N * Pmax * 6 * FLOAT_BYTES * 4  # paths, denormalised copy, mean and quantiles
+    transient = max(
+        max(_encode_bytes(shape, w) for w in work),
+        max(_prefill_bytes(shape, w) for w in work),
+        _step_bytes(shape, N, window + min(Pmax, W)),
+        _sliding_bytes(shape, work) if mode == "fast" else 0,
+        max(_decode_bytes(shape, w) for w in work),
+    )
+    return prefix + suffix + tables + outputs + transient
+
+
+def _encode_bytes(shape: NetworkShape, w: SeriesWork) -> int:
+    """The tokenizer encodes a whole history at once (its full length, not only the window)."""
+    return shape.tokenizer_pass_bytes(1, w.history_len)
+
+
+def _prefill_bytes(shape: NetworkShape, w: SeriesWork) -> int:
+    """One series' first window through the trunk, with its per-layer caches."""
+    E = min(w.history_len, shape.max_context)
+    caches = E * shape.kv_column_bytes
+    return shape.block_bytes(1, E) + caches
+
+
+def _step_bytes(shape: NetworkShape, rows: int, keys: int) -> int:
+    """One cached step: every row's new position through the trunk and both heads, its
+    attention over the prefix and its own suffix."""
+    return (shape.block_bytes(rows, 1) + SLIDING_SCORE_COPIES * shape.score_bytes(rows, 1, keys)
+            + shape.head_bytes(rows))
+
+
+def _sliding_bytes(shape: NetworkShape, work: Sequence[SeriesWork]) -> int:
+    """Exact mode: rows whose window slides recompute it every step. Single-path rows run
+    one causal pass of W tokens each; multi-path rows share the window's history part and
+    recompute only their generated part (at most P queries) with attention over the whole
+    window, whose scores are materialised."""
+    W = shape.max_context
+    sliding = [w for w in work if w.history_len + w.pred_len > W]
+    if not sliding:
+        return 0
+    single = sum(w.sample_count for w in sliding if w.sample_count == 1)
+    total = shape.block_bytes(single, W)
+    for w in sliding:
+        if w.sample_count > 1:
+            queries = min(w.pred_len, W)
+            total += (shape.block_bytes(w.sample_count, queries) + shape.block_bytes(1, W)
+                      + SLIDING_SCORE_COPIES * shape.score_bytes(w.sample_count, queries, W)
+                      + W * shape.kv_column_bytes)  # the shared history's keys/values
+    rows = sum(w.sample_count for w in sliding)
+    return total + 2 * rows * W * shape.d_model * FLOAT_BYTES  # s2-head keys/values of the windows
+
+
+def _decode_bytes(shape: NetworkShape, w: SeriesWork) -> int:
+    """A finished series' last window (all its paths) through the tokenizer's decoder."""
+    window = min(w.history_len + w.pred_len, shape.max_context)
+    return shape.tokenizer_pass_bytes(w.sample_count, window)
+
+
+def _reference_bytes(shape: NetworkShape, work: Sequence[SeriesWork]) -> int:
+    """Upstream's algorithm, one series at a time: the history replicated per path and
+    encoded, then every step a whole window through the trunk and the s2 head at every
+    window position."""
+    W = shape.max_context
+    worst = 0
+    for w in work:
+        S, T = w.sample_count, min(w.history_len + w.pred_len, W)
+        tokens = 2 * S * (w.history_len + w.pred_len) * INDEX_BYTES
+        step = (shape.block_bytes(S, T) + S * T * (shape.s1_vocab + shape.s2_vocab) * FLOAT_BYTES + shape.head_bytes(S))
+        encode = shape.tokenizer_pass_bytes(S, w.history_len)
+        worst = max(worst, tokens + max(step, encode, _decode_bytes(shape, w)))
+    return worst

@@ -1,0 +1,115 @@
+"""Requests that MLServer hands to its inference worker process: cancellation, clean errors,
+streams.
+
+- Cancellation: when the task awaiting a request in the main process is cancelled (a REST
+  client disconnected, see `http_input`; a gRPC call was cancelled or its deadline passed),
+  MLServer 1.7.1 forgets the request but the worker keeps running it. Here the main process
+  then sends the worker a cancel message naming the request, and the worker cancels the
+  task running it: the runtime's batcher drops its series at the next generation step.
+  Answers that arrive for a request nobody waits for any more are ignored (MLServer's
+  response loop would crash on them).
+- Errors: the worker answers a client-side error (4xx, 503, 504) with its own message and
+  status (MLServer prefixes the Python class path) and logs no traceback for it (the
+  runtime logs the request as one line); other errors keep their traceback.
+- Streams: `ModelStreamInfer` (gRPC) sends several requests on one call; MLServer answers
+  only the first. Every request of the stream gets its answer, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from mlserver.context import model_context
+from mlserver.errors import MLServerError
+from mlserver.parallel import dispatcher, worker
+from mlserver.parallel.errors import WorkerError
+from mlserver.parallel.messages import ModelRequestMessage, ModelResponseMessage
+from mlserver.parallel.model import ParallelModel
+from mlserver.types import InferenceRequest, InferenceResponse
+
+from .status import RELAYED_MARK, is_client_side
+
+CANCEL_METHOD = "__kronos_cancel__"
+logger = logging.getLogger("kronos.serving.worker")
+# worker process: request message id -> the task running it
+_running: dict[str, asyncio.Task] = {}
+_PATCHED = "__kronos_patched__"
+
+
+class RelayedError(MLServerError):
+    """A client-side error raised in the worker, relayed with its own message and status
+    (the runtime logged it there already)."""
+
+    def __init__(self, msg: str, status_code: int = 400) -> None:
+        super().__init__(msg, status_code)
+        setattr(self, RELAYED_MARK, True)
+
+
+def install() -> None:
+    """Patch MLServer's dispatcher (main process) and worker (idempotent)."""
+    if getattr(dispatcher.Dispatcher, _PATCHED, False):
+        return
+    dispatcher.Dispatcher.dispatch_request = dispatch_request  # type: ignore[method-assign]
+    original_resolve = dispatcher.AsyncResponses.resolve
+
+    def resolve(self: dispatcher.AsyncResponses, response: ModelResponseMessage) -> None:
+        if response.id not in self._futures:  # noqa: SLF001 - abandoned or a cancel's answer
+            return
+        original_resolve(self, response)
+
+    dispatcher.AsyncResponses.resolve = resolve  # type: ignore[method-assign]
+    worker.Worker._process_request = process_request  # type: ignore[method-assign]  # noqa: SLF001
+    ParallelModel.predict_stream = predict_stream  # type: ignore[method-assign]
+    setattr(dispatcher.Dispatcher, _PATCHED, True)
+
+
+async def dispatch_request(self: dispatcher.Dispatcher, request_message: ModelRequestMessage
+                           ) -> ModelResponseMessage:
+    """MLServer's round-robin dispatch, plus a cancel message when the caller gives up."""
+    chosen, _ = self._get_worker()  # noqa: SLF001
+    chosen.send_request(request_message)
+    try:
+        return await self._async_responses.schedule_and_wait(request_message, chosen)  # noqa: SLF001
+    except asyncio.CancelledError:
+        chosen.send_request(ModelRequestMessage(
+            model_name=request_message.model_name, model_version=request_message.model_version,
+            method_name=CANCEL_METHOD, method_args=[request_message.id]))
+        raise
+
+
+async def process_request(self: worker.Worker, request: ModelRequestMessage) -> ModelResponseMessage:
+    """Worker side: run one model call as a cancellable task, or cancel a running one."""
+    if request.method_name == CANCEL_METHOD:
+        task = _running.get(str(request.method_args[0]))
+        if task is not None:
+            task.cancel()
+        return ModelResponseMessage(id=request.id)
+    current = asyncio.current_task()
+    if current is not None:
+        _running[request.id] = current
+    try:
+        model = await self._model_registry.get_model(request.model_name, request.model_version)  # noqa: SLF001
+        method = getattr(model, request.method_name)
+        with model_context(model.settings):
+            value = await method(*request.method_args, **request.method_kwargs)
+        return ModelResponseMessage(id=request.id, return_value=value)
+    except asyncio.CancelledError:
+        return ModelResponseMessage(id=request.id, exception=RelayedError("request cancelled", 499))
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+        if is_client_side(exc):
+            assert isinstance(exc, MLServerError)
+            return ModelResponseMessage(id=request.id, exception=RelayedError(str(exc), exc.status_code))
+        logger.exception("calling %r of model %r failed", request.method_name, request.model_name)
+        return ModelResponseMessage(id=request.id, exception=WorkerError(exc))
+    finally:
+        _running.pop(request.id, None)
+
+
+async def predict_stream(self: ParallelModel, payloads: AsyncIterator[InferenceRequest]
+                         ) -> AsyncIterator[InferenceResponse]:
+    """One answer per request of the stream, in order."""
+    async for payload in payloads:
+        yield await self.predict(payload)
+
