@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import psutil
 import torch
@@ -31,6 +32,7 @@ from .kronos.checkpoint import random_init_
 from .kronos.cost import NetworkShape, SeriesWork, generation_cost
 
 MAX_CONTEXT = 512
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,15 +98,16 @@ def make_series(length: int, pred_len: int, data_seed: int, **sampling) -> Serie
     g = torch.Generator().manual_seed(data_seed)
     candles = torch.randn(length, 6, generator=g).clamp(-5, 5)
     t = torch.arange(length + pred_len) * 5  # minutes
-    stamps = torch.stack([t % 60, (t // 60) % 24, (t // 1440) % 7, 1 + (t // 1440) % 28,
-                          1 + (t // 40320) % 12], dim=1).float()
+    stamps = torch.stack(
+        [t % 60, (t // 60) % 24, (t // 1440) % 7, 1 + (t // 1440) % 28, 1 + (t // 40320) % 12], dim=1
+    ).float()
     return SeriesInput(candles, stamps, pred_len, **sampling)
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
-    """Median wall time over `repeats` runs, and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
+def timed(fn: Callable[[], T], repeats: int, device: torch.device) -> tuple[float, T]:
+    """Median wall time over `repeats` runs (at least one), and the last result."""
+    times = []
+    for _ in range(max(1, repeats)):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -127,14 +130,32 @@ def single_case(name: str, tokenizer, model, series: list[SeriesInput], args, de
     run("fast")  # warm-up (packs weights once)
     with PeakMemory(device) as peak:
         fast_s, (fast_out, stats) = timed(lambda: run("fast"), args.repeats, device)
-    rows = [Row(name, ref_s, fast_s, ref_s / fast_s, max_diff(ref_out, fast_out), peak.mib,
-                stats.kv_cache_bytes / 2**20,
-                f"{stats.incremental_steps} cached steps, {stats.full_window_passes} full-window passes")]
+    rows = [
+        Row(
+            name,
+            ref_s,
+            fast_s,
+            ref_s / fast_s,
+            max_diff(ref_out, fast_out),
+            peak.mib,
+            stats.kv_cache_bytes / 2**20,
+            f"{stats.incremental_steps} cached steps, {stats.full_window_passes} full-window passes",
+        )
+    ]
     if args.rolling:
         roll_s, (roll_out, roll_stats) = timed(lambda: run("rolling"), args.repeats, device)
-        rows.append(Row(name + " [rolling, approximate]", ref_s, roll_s, ref_s / roll_s,
-                        max_diff(ref_out, roll_out), float("nan"),
-                        roll_stats.kv_cache_bytes / 2**20, "deviation = max |rolling - reference|"))
+        rows.append(
+            Row(
+                name + " [rolling, approximate]",
+                ref_s,
+                roll_s,
+                ref_s / roll_s,
+                max_diff(ref_out, roll_out),
+                float("nan"),
+                roll_stats.kv_cache_bytes / 2**20,
+                "deviation = max |rolling - reference|",
+            )
+        )
     return rows
 
 
@@ -149,17 +170,30 @@ def batch_case(tokenizer, model, args, device) -> list[Row]:
     rows = []
     for mode in ("fast", "rolling") if args.rolling else ("fast",):
         generate(tokenizer, model, series[:2], MAX_CONTEXT, mode)  # warm-up
-        one_s, one_out = timed(lambda m=mode: [generate(tokenizer, model, [s], MAX_CONTEXT, m)[0][0]
-                                               for s in series], args.repeats, device)
+
+        def one_at_a_time(mode: str = mode) -> list:
+            return [generate(tokenizer, model, [s], MAX_CONTEXT, mode)[0][0] for s in series]
+
+        def batched(mode: str = mode) -> tuple:
+            return generate(tokenizer, model, series, MAX_CONTEXT, mode)
+
+        one_s, one_out = timed(one_at_a_time, args.repeats, device)
         with PeakMemory(device) as peak:
-            batch_s, (batch_out, stats) = timed(
-                lambda m=mode: generate(tokenizer, model, series, MAX_CONTEXT, m), args.repeats, device)
+            batch_s, (batch_out, stats) = timed(batched, args.repeats, device)
         label = "" if mode == "fast" else " [rolling, approximate]"
-        rows.append(Row(f"4: 32 series, 100..500 -> 60, greedy, one at a time vs batched{label}",
-                        one_s, batch_s, one_s / batch_s, max_diff(one_out, batch_out), peak.mib,
-                        stats.kv_cache_bytes / 2**20,
-                        f"reference column = {mode} mode, one series per call; speed-up = batched "
-                        f"throughput gain; {stats.full_window_passes} full-window passes"))
+        rows.append(
+            Row(
+                f"4: 32 series, 100..500 -> 60, greedy, one at a time vs batched{label}",
+                one_s,
+                batch_s,
+                one_s / batch_s,
+                max_diff(one_out, batch_out),
+                peak.mib,
+                stats.kv_cache_bytes / 2**20,
+                f"reference column = {mode} mode, one series per call; speed-up = batched "
+                f"throughput gain; {stats.full_window_passes} full-window passes",
+            )
+        )
     return rows
 
 
@@ -169,13 +203,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="runs per fast timing (median)")
-    parser.add_argument("--reference-repeats", type=int, default=1,
-                        help="runs per reference timing (median); the reference is slow")
-    parser.add_argument("--no-rolling", dest="rolling", action="store_false",
-                        help="skip the approximate rolling-cache mode")
+    parser.add_argument(
+        "--reference-repeats", type=int, default=1, help="runs per reference timing (median); the reference is slow"
+    )
+    parser.add_argument(
+        "--no-rolling", dest="rolling", action="store_false", help="skip the approximate rolling-cache mode"
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--memory", action="store_true",
-                        help="instead: peak memory of generations of many shapes vs their cost bound")
+    parser.add_argument(
+        "--memory", action="store_true", help="instead: peak memory of generations of many shapes vs their cost bound"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -186,8 +223,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     cases = {
         1: ("1: 400 -> 120, greedy, 1 path", [make_series(400, 120, 1, top_k=1, top_p=1.0)]),
         2: ("2: 392 -> 120, greedy, 1 path (fits 512)", [make_series(392, 120, 2, top_k=1, top_p=1.0)]),
-        3: ("3: 400 -> 120, T=1 top_p=0.9, 16 paths",
-            [make_series(400, 120, 3, temperature=1.0, top_p=0.9, sample_count=16, seed=7)]),
+        3: (
+            "3: 400 -> 120, T=1 top_p=0.9, 16 paths",
+            [make_series(400, 120, 3, temperature=1.0, top_p=0.9, sample_count=16, seed=7)],
+        ),
     }
     rows: list[Row] = []
     print_header()
@@ -199,8 +238,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             new = batch_case(tokenizer, model, args, device)
         print_rows(new)
         rows += new
-    print(f"\ndevice {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"max_context {MAX_CONTEXT}, fast timings = median of {args.repeats}")
+    print(
+        f"\ndevice {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"max_context {MAX_CONTEXT}, fast timings = median of {args.repeats}"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([asdict(r) for r in rows], fh, indent=2)
@@ -209,10 +250,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 # (series, history candles, pred_len, sample paths, mode): no window slide, single-path and
 # multi-path slides, batches, the reference algorithm
-MEMORY_SHAPES = [(1, 400, 120, 1, "fast"), (16, 300, 50, 1, "fast"), (16, 400, 120, 1, "fast"),
-                 (4, 520, 12, 1, "fast"), (2, 256, 64, 16, "fast"), (8, 256, 20, 16, "fast"),
-                 (1, 400, 120, 16, "fast"), (1, 500, 30, 8, "fast"), (1, 400, 120, 1, "rolling"),
-                 (1, 200, 10, 4, "reference")]
+MEMORY_SHAPES = [
+    (1, 400, 120, 1, "fast"),
+    (16, 300, 50, 1, "fast"),
+    (16, 400, 120, 1, "fast"),
+    (4, 520, 12, 1, "fast"),
+    (2, 256, 64, 16, "fast"),
+    (8, 256, 20, 16, "fast"),
+    (1, 400, 120, 16, "fast"),
+    (1, 500, 30, 8, "fast"),
+    (1, 400, 120, 1, "rolling"),
+    (1, 200, 10, 4, "reference"),
+]
 
 
 class HighWaterMark:
@@ -251,28 +300,37 @@ def memory_check(tokenizer: KronosTokenizer, model: Kronos, device: torch.device
     worst = 0.0
     for series, length, pred_len, paths, mode in MEMORY_SHAPES:
         work = [make_series(length, pred_len, 10 + b, sample_count=paths, seed=b) for b in range(series)]
-        bound = generation_cost(shape, [SeriesWork(length, pred_len, paths)] * series, mode,
-                                history_rows=0).memory_bytes
+        bound = generation_cost(
+            shape, [SeriesWork(length, pred_len, paths)] * series, mode, history_rows=0
+        ).memory_bytes
         exact = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
         with HighWaterMark() if exact else PeakMemory(device) as peak:
             generate(tokenizer, model, work, MAX_CONTEXT, mode)
         ratio = peak.peak / bound
         worst = max(worst, ratio)
-        print(f"{f'{series} x {length} -> {pred_len}, {paths}, {mode}':<44} {bound / 2**20:>9.0f} "
-              f"{peak.mib:>9.0f} {ratio:>6.2f}{'  OVER' if ratio > 1 else ''}", flush=True)
+        print(
+            f"{f'{series} x {length} -> {pred_len}, {paths}, {mode}':<44} {bound / 2**20:>9.0f} "
+            f"{peak.mib:>9.0f} {ratio:>6.2f}{'  OVER' if ratio > 1 else ''}",
+            flush=True,
+        )
     print(f"\nworst ratio {worst:.2f} (device {device}, threads {torch.get_num_threads()})")
 
 
 def print_header() -> None:
-    print(f"{'case':<62} {'reference s':>11} {'fast s':>8} {'speed-up':>8} {'max|diff|':>10} "
-          f"{'peak MiB':>8} {'KV MiB':>7}  note", flush=True)
+    print(
+        f"{'case':<62} {'reference s':>11} {'fast s':>8} {'speed-up':>8} {'max|diff|':>10} "
+        f"{'peak MiB':>8} {'KV MiB':>7}  note",
+        flush=True,
+    )
 
 
 def print_rows(rows: list[Row]) -> None:
     for r in rows:
-        print(f"{r.case:<62} {r.reference_s:>11.2f} {r.fast_s:>8.3f} {r.speedup:>7.1f}x "
-              f"{r.max_abs_diff:>10.2e} {r.peak_mem_mib:>8.0f} {r.kv_cache_mib:>7.1f}  {r.note}",
-              flush=True)
+        print(
+            f"{r.case:<62} {r.reference_s:>11.2f} {r.fast_s:>8.3f} {r.speedup:>7.1f}x "
+            f"{r.max_abs_diff:>10.2e} {r.peak_mem_mib:>8.0f} {r.kv_cache_mib:>7.1f}  {r.note}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

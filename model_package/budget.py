@@ -24,8 +24,13 @@ def network_shape(forecaster: KronosForecaster) -> NetworkShape:
     return NetworkShape.of(forecaster.tokenizer.config, forecaster.model.config, forecaster.max_context)
 
 
-def request_cost(forecaster: KronosForecaster, history_lengths: Sequence[int], pred_len: int,
-                 sample_count: int, history_rows: int | None = None) -> GenerationCost:
+def request_cost(
+    forecaster: KronosForecaster,
+    history_lengths: Sequence[int],
+    pred_len: int,
+    sample_count: int,
+    history_rows: int | None = None,
+) -> GenerationCost:
     """Memory (bytes) and candles of forecasting series of these history lengths alone."""
     work = [SeriesWork(int(length), int(pred_len), int(sample_count)) for length in history_lengths]
     return generation_cost(network_shape(forecaster), work, forecaster.mode, history_rows)
@@ -34,8 +39,7 @@ def request_cost(forecaster: KronosForecaster, history_lengths: Sequence[int], p
 def prepared_cost(forecaster: KronosForecaster, request: PreparedRequest) -> GenerationCost:
     """The cost of an already prepared request (same numbers as `request_cost`)."""
     lengths = [len(s.series.candles) for s in request.series]
-    return request_cost(forecaster, lengths, request.params.pred_len, request.params.sample_count,
-                        sum(lengths))
+    return request_cost(forecaster, lengths, request.params.pred_len, request.params.sample_count, sum(lengths))
 
 
 def check_request_budget(cost: GenerationCost, settings: ModelSettings) -> None:
@@ -45,9 +49,11 @@ def check_request_budget(cost: GenerationCost, settings: ModelSettings) -> None:
             BUDGET_FIELD,
             f"needs {cost.memory_bytes / MIB:.0f} MiB of memory (series x sample_count x "
             f"(history + pred_len)), over the budget of {settings.max_request_memory_mb:g} MiB "
-            "(max_request_memory_mb); send fewer series, sample paths or steps")
+            "(max_request_memory_mb); send fewer series, sample paths or steps",
+        )
     if cost.candles > settings.max_request_candles:
         raise KronosInputError(
             BUDGET_FIELD,
             f"generates {cost.candles} candles (series x sample_count x pred_len), over the "
-            f"budget of {settings.max_request_candles} (max_request_candles)")
+            f"budget of {settings.max_request_candles} (max_request_candles)",
+        )

@@ -43,8 +43,7 @@ def calendar_features(timestamps: pd.Series | pd.DatetimeIndex) -> np.ndarray:
 _DATETIME_TYPES = (str, dt.datetime, dt.date, np.datetime64)
 
 
-def parse_timestamps(values: pd.Series, field: str, label: object,
-                     rows: np.ndarray | None = None) -> pd.DatetimeIndex:
+def parse_timestamps(values: pd.Series, field: str, label: object, rows: np.ndarray | None = None) -> pd.DatetimeIndex:
     """Timestamps of one series -> DatetimeIndex (naive, any resolution).
 
     `rows` are the request-frame row numbers of `values` (for messages); default 0, 1, ...
@@ -52,49 +51,55 @@ def parse_timestamps(values: pd.Series, field: str, label: object,
     rows = np.arange(len(values)) if rows is None else rows
     missing = np.asarray(values.isna())
     if missing.any():
-        raise KronosInputError(field, f"must not be empty, got an empty value at row {rows[missing.argmax()]}",
-                               label)
+        raise KronosInputError(field, f"must not be empty, got an empty value at row {rows[missing.argmax()]}", label)
     if isinstance(values.dtype, pd.CategoricalDtype):
         values = values.astype(object)
     kind = values.dtype
     if pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_bool_dtype(kind):
         raise KronosInputError(
-            field, f"must hold datetimes or date/time strings, got numbers ({kind}) such as "
-                   f"{brief(values.iloc[0])} at row {rows[0]}", label)
+            field,
+            f"must hold datetimes or date/time strings, got numbers ({kind}) such as "
+            f"{brief(values.iloc[0])} at row {rows[0]}",
+            label,
+        )
     if pd.api.types.is_object_dtype(kind):
         for i, value in enumerate(values):
             if not isinstance(value, _DATETIME_TYPES):
                 raise KronosInputError(
-                    field, f"must hold datetimes or date/time strings, got {type(value).__name__} "
-                           f"{brief(value)} at row {rows[i]}", label)
+                    field,
+                    f"must hold datetimes or date/time strings, got {type(value).__name__} "
+                    f"{brief(value)} at row {rows[i]}",
+                    label,
+                )
     try:
         index = pd.DatetimeIndex(pd.to_datetime(values))
     except (ValueError, TypeError, OverflowError) as exc:
         raise KronosInputError(field, f"not parseable as datetimes ({cut(str(exc), 120)})", label) from exc
     if index.tz is not None:
         raise KronosInputError(
-            field, f"must be timezone-naive (exchange local time), got timezone {index.tz}; "
-                   "convert with .dt.tz_convert(zone).dt.tz_localize(None)", label)
+            field,
+            f"must be timezone-naive (exchange local time), got timezone {index.tz}; "
+            "convert with .dt.tz_convert(zone).dt.tz_localize(None)",
+            label,
+        )
     if index.isna().any():  # "NaT" strings
-        raise KronosInputError(field, f"must not be empty, got NaT at row {rows[int(index.isna().argmax())]}",
-                               label)
+        raise KronosInputError(field, f"must not be empty, got NaT at row {rows[int(index.isna().argmax())]}", label)
     check_in_range(index, field, label, rows)
     return index
 
 
-def check_in_range(index: pd.DatetimeIndex, field: str, label: object,
-                   rows: np.ndarray | None = None) -> None:
+def check_in_range(index: pd.DatetimeIndex, field: str, label: object, rows: np.ndarray | None = None) -> None:
     """Every timestamp within TIMESTAMP_MIN .. TIMESTAMP_MAX."""
     outside = np.asarray((index < TIMESTAMP_MIN) | (index > TIMESTAMP_MAX))
     if outside.any():
         i = int(outside.argmax())
         row = rows[i] if rows is not None else i
         raise KronosInputError(
-            field, f"must lie within {TIMESTAMP_MIN} .. {TIMESTAMP_MAX}, got {index[i]} at row {row}", label)
+            field, f"must lie within {TIMESTAMP_MIN} .. {TIMESTAMP_MAX}, got {index[i]} at row {row}", label
+        )
 
 
-def check_increasing(timestamps: pd.DatetimeIndex, field: str, label: object,
-                     rows: np.ndarray | None = None) -> None:
+def check_increasing(timestamps: pd.DatetimeIndex, field: str, label: object, rows: np.ndarray | None = None) -> None:
     """Strictly increasing (any resolution: only the signs of the steps are read)."""
     ticks = timestamps.to_numpy().view(np.int64)  # in the index's own unit (ns, us, ...)
     bad = ticks[1:] <= ticks[:-1]  # compared, not subtracted: no overflow
@@ -103,19 +108,21 @@ def check_increasing(timestamps: pd.DatetimeIndex, field: str, label: object,
         kind = "duplicate" if ticks[i + 1] == ticks[i] else "decreasing"
         row = rows[i + 1] if rows is not None else i + 1
         raise KronosInputError(
-            field, f"must be strictly increasing; {kind} timestamp at row {row} ({timestamps[i + 1]})", label)
+            field, f"must be strictly increasing; {kind} timestamp at row {row} ({timestamps[i + 1]})", label
+        )
 
 
-def check_future(future: pd.DatetimeIndex, last: pd.Timestamp, pred_len: int, field: str,
-                 label: object) -> pd.DatetimeIndex:
+def check_future(
+    future: pd.DatetimeIndex, last: pd.Timestamp, pred_len: int, field: str, label: object
+) -> pd.DatetimeIndex:
     """The future timestamps rule: `pred_len` strictly increasing values, all after `last`
     and not past TIMESTAMP_MAX."""
     if len(future) != pred_len:
         raise KronosInputError(field, f"gives {len(future)} future timestamps, need pred_len={pred_len}", label)
     if future[0] <= last:
         raise KronosInputError(
-            field, f"future timestamps must start after the last history timestamp ({last}), "
-                   f"got {future[0]}", label)
+            field, f"future timestamps must start after the last history timestamp ({last}), got {future[0]}", label
+        )
     check_increasing(future, field, label)
     if future[-1] > TIMESTAMP_MAX:
         raise _past_the_limit(field, pred_len, last, label)
@@ -124,14 +131,16 @@ def check_future(future: pd.DatetimeIndex, last: pd.Timestamp, pred_len: int, fi
 
 def _past_the_limit(field: str, pred_len: int, last: pd.Timestamp, label: object) -> KronosInputError:
     return KronosInputError(
-        field, f"{pred_len} future timestamps after {last} would pass {TIMESTAMP_MAX} "
-               "(the supported range)", label)
+        field, f"{pred_len} future timestamps after {last} would pass {TIMESTAMP_MAX} (the supported range)", label
+    )
 
 
 # -- future timestamps ------------------------------------------------------------------------
 
-def infer_future_timestamps(history: pd.DatetimeIndex, pred_len: int, freq: str | None = None,
-                            series: object | None = None) -> pd.DatetimeIndex:
+
+def infer_future_timestamps(
+    history: pd.DatetimeIndex, pred_len: int, freq: str | None = None, series: object | None = None
+) -> pd.DatetimeIndex:
     """The next `pred_len` timestamps after `history` (sorted, unique).
 
     With `freq` (a pandas offset alias such as "5min", "h", "B") that spacing is used.
@@ -152,14 +161,16 @@ def infer_future_timestamps(history: pd.DatetimeIndex, pred_len: int, freq: str 
         raise _past_the_limit(field, pred_len, last, series) from exc
     except Exception as exc:  # pandas raises many kinds for unusable offsets (0D: ZeroDivisionError)
         raise KronosInputError(
-            field, f"cannot generate {pred_len} timestamps after {last}"
-                   f"{f' with freq {brief(freq)}' if freq is not None else ''} "
-                   f"({type(exc).__name__}: {cut(str(exc), 80)})", series) from exc
+            field,
+            f"cannot generate {pred_len} timestamps after {last}"
+            f"{f' with freq {brief(freq)}' if freq is not None else ''} "
+            f"({type(exc).__name__}: {cut(str(exc), 80)})",
+            series,
+        ) from exc
     return check_future(future, last, pred_len, field, series)
 
 
-def _future(index: pd.DatetimeIndex, pred_len: int, freq: str | None, series: object | None
-            ) -> pd.DatetimeIndex:
+def _future(index: pd.DatetimeIndex, pred_len: int, freq: str | None, series: object | None) -> pd.DatetimeIndex:
     last = index[-1]
     if freq is not None:
         try:

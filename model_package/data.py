@@ -25,15 +25,17 @@ def load_index(name: str = "SP500", last: int | None = None) -> pd.DataFrame:
     import importlib
 
     raw = importlib.import_module(INDEXES[name]).load()
-    frame = pd.DataFrame({
-        SERIES_ID: name,
-        TIMESTAMP: pd.DatetimeIndex(raw.index),
-        "open": raw["Open"].to_numpy(dtype=float),
-        "high": raw["High"].to_numpy(dtype=float),
-        "low": raw["Low"].to_numpy(dtype=float),
-        "close": raw["Close"].to_numpy(dtype=float),
-        "volume": raw["Volume"].to_numpy(dtype=float),
-    })
+    frame = pd.DataFrame(
+        {
+            SERIES_ID: name,
+            TIMESTAMP: pd.DatetimeIndex(raw.index),
+            "open": raw["Open"].to_numpy(dtype=float),
+            "high": raw["High"].to_numpy(dtype=float),
+            "low": raw["Low"].to_numpy(dtype=float),
+            "close": raw["Close"].to_numpy(dtype=float),
+            "volume": raw["Volume"].to_numpy(dtype=float),
+        }
+    )
     return frame.tail(last).reset_index(drop=True) if last else frame
 
 
@@ -42,10 +44,16 @@ def load_indexes(last: int | None = None) -> pd.DataFrame:
     return pd.concat([load_index(name, last) for name in INDEXES], ignore_index=True)
 
 
-def random_walk_candles(length: int, seed: int | np.random.Generator = 0, *,
-                        start: str | pd.Timestamp = "2024-01-02 09:30", freq: str = "5min",
-                        series_id: str | None = None, volume: bool = True,
-                        amount: bool = True) -> pd.DataFrame:
+def random_walk_candles(
+    length: int,
+    seed: int | np.random.Generator = 0,
+    *,
+    start: str | pd.Timestamp = "2024-01-02 09:30",
+    freq: str = "5min",
+    series_id: str | None = None,
+    volume: bool = True,
+    amount: bool = True,
+) -> pd.DataFrame:
     """`length` candles of a geometric random walk in the long format (valid OHLC bars).
 
     Close moves 1% per bar (log-normal steps from 100), open is the previous close with a
@@ -59,10 +67,15 @@ def random_walk_candles(length: int, seed: int | np.random.Generator = 0, *,
     open_ = np.concatenate([[close[0]], close[:-1]]) * (1 + rng.normal(0, 0.002, length))
     high = np.maximum(open_, close) * (1 + np.abs(rng.normal(0, 0.003, length)))
     low = np.minimum(open_, close) * (1 - np.abs(rng.normal(0, 0.003, length)))
-    frame = pd.DataFrame({
-        TIMESTAMP: pd.date_range(start, periods=length, freq=freq),
-        "open": open_, "high": high, "low": low, "close": close,
-    })
+    frame = pd.DataFrame(
+        {
+            TIMESTAMP: pd.date_range(start, periods=length, freq=freq),
+            "open": open_,
+            "high": high,
+            "low": low,
+            "close": close,
+        }
+    )
     if volume:
         frame["volume"] = rng.uniform(1e3, 5e3, length)
         if amount:

@@ -83,7 +83,8 @@ class SamplingParams:
         temperature = _checked_real("temperature", self.temperature)
         if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:
             raise KronosInputError(
-                "temperature", f"must be in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {temperature!r}")
+                "temperature", f"must be in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {temperature!r}"
+            )
         set_(self, "temperature", temperature)
         top_p = _checked_real("top_p", self.top_p)
         if not 0 < top_p <= 1:
@@ -200,9 +201,16 @@ class Forecast:
 class KronosForecaster:
     """A Kronos tokenizer + predictor pair with pandas in and out. Always in eval mode."""
 
-    def __init__(self, tokenizer: KronosTokenizer, model: Kronos, max_context: int,
-                 device: str | torch.device = "auto", mode: str = "fast", clip: float = 5.0,
-                 source: dict | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: KronosTokenizer,
+        model: Kronos,
+        max_context: int,
+        device: str | torch.device = "auto",
+        mode: str = "fast",
+        clip: float = 5.0,
+        source: dict | None = None,
+    ) -> None:
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
         if max_context < 1:
@@ -217,12 +225,18 @@ class KronosForecaster:
         self.last_stats = GenerationStats()
 
     @classmethod
-    def from_pretrained(cls, tokenizer: str | Path | None = None,
-                        model: str | Path = "NeoQuasar/Kronos-small",
-                        max_context: int | None = None, device: str | torch.device = "auto",
-                        *, revision: str | None = None, tokenizer_revision: str | None = None,
-                        cache_dir: str | Path | None = None, mode: str = "fast"
-                        ) -> KronosForecaster:
+    def from_pretrained(
+        cls,
+        tokenizer: str | Path | None = None,
+        model: str | Path = "NeoQuasar/Kronos-small",
+        max_context: int | None = None,
+        device: str | torch.device = "auto",
+        *,
+        revision: str | None = None,
+        tokenizer_revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        mode: str = "fast",
+    ) -> KronosForecaster:
         """Load both parts from local directories or Hugging Face hub ids.
 
         `tokenizer=None` picks the tokenizer the named model was published with
@@ -232,16 +246,22 @@ class KronosForecaster:
         preset = preset_by_name(str(model))
         if tokenizer is None:
             if preset is None:
-                raise ValueError(f"tokenizer not given and {model!r} is not a published Kronos "
-                                 "model; pass the tokenizer directory or hub id")
+                raise ValueError(
+                    f"tokenizer not given and {model!r} is not a published Kronos "
+                    "model; pass the tokenizer directory or hub id"
+                )
             tokenizer = preset.tokenizer_id
         kronos_model = load_model(model, revision=revision, cache_dir=cache_dir)
         kronos_tokenizer = load_tokenizer(tokenizer, revision=tokenizer_revision, cache_dir=cache_dir)
         if max_context is None:
             shape = preset if preset is not None else preset_for_config(kronos_model.config)
             max_context = shape.max_context if shape is not None else DEFAULT_MAX_CONTEXT
-        source = {"tokenizer": str(tokenizer), "model": str(model),
-                  "tokenizer_revision": tokenizer_revision, "model_revision": revision}
+        source = {
+            "tokenizer": str(tokenizer),
+            "model": str(model),
+            "tokenizer_revision": tokenizer_revision,
+            "model_revision": revision,
+        }
         return cls(kronos_tokenizer, kronos_model, max_context, device, mode, source=source)
 
     def describe(self) -> dict:
@@ -257,13 +277,20 @@ class KronosForecaster:
 
     # -- the public calls ------------------------------------------------------------------
 
-    def predict(self, history: pd.DataFrame, pred_len: int = _DEFAULTS.pred_len,
-                future_timestamps: pd.DataFrame | None = None,
-                temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
-                top_p: float = _DEFAULTS.top_p, sample_count: int = _DEFAULTS.sample_count,
-                seed: int | None = _DEFAULTS.seed, quantiles: Sequence[float] | None = None,
-                freq: str | None = _DEFAULTS.freq,
-                strict_candles: bool = _DEFAULTS.strict_candles) -> pd.DataFrame:
+    def predict(
+        self,
+        history: pd.DataFrame,
+        pred_len: int = _DEFAULTS.pred_len,
+        future_timestamps: pd.DataFrame | None = None,
+        temperature: float = _DEFAULTS.temperature,
+        top_k: int = _DEFAULTS.top_k,
+        top_p: float = _DEFAULTS.top_p,
+        sample_count: int = _DEFAULTS.sample_count,
+        seed: int | None = _DEFAULTS.seed,
+        quantiles: Sequence[float] | None = None,
+        freq: str | None = _DEFAULTS.freq,
+        strict_candles: bool = _DEFAULTS.strict_candles,
+    ) -> pd.DataFrame:
         """Forecast `pred_len` candles per series: the mean over `sample_count` sampled
         paths, plus `{column}_q{level}` columns for each quantile level.
 
@@ -272,37 +299,51 @@ class KronosForecaster:
         ranges: `SamplingParams`. `strict_candles=False` accepts zero/negative prices and
         bars whose open/close lie outside [low, high] (see `model_package.frames`).
         """
-        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed,
-                                tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
-                                freq, strict_candles)
+        params = SamplingParams(
+            pred_len,
+            temperature,
+            top_k,
+            top_p,
+            sample_count,
+            seed,
+            tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
+            freq,
+            strict_candles,
+        )
         request = self.prepare(history, params, future_timestamps)
-        outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs,
-                                            self.max_context, self.mode)
+        outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
         return self.finish(request, outputs).frame
 
-    def predict_paths(self, history: pd.DataFrame, pred_len: int = _DEFAULTS.pred_len,
-                      future_timestamps: pd.DataFrame | None = None,
-                      temperature: float = _DEFAULTS.temperature, top_k: int = _DEFAULTS.top_k,
-                      top_p: float = _DEFAULTS.top_p, sample_count: int = _DEFAULTS.sample_count,
-                      seed: int | None = _DEFAULTS.seed, freq: str | None = _DEFAULTS.freq,
-                      strict_candles: bool = _DEFAULTS.strict_candles) -> pd.DataFrame:
+    def predict_paths(
+        self,
+        history: pd.DataFrame,
+        pred_len: int = _DEFAULTS.pred_len,
+        future_timestamps: pd.DataFrame | None = None,
+        temperature: float = _DEFAULTS.temperature,
+        top_k: int = _DEFAULTS.top_k,
+        top_p: float = _DEFAULTS.top_p,
+        sample_count: int = _DEFAULTS.sample_count,
+        seed: int | None = _DEFAULTS.seed,
+        freq: str | None = _DEFAULTS.freq,
+        strict_candles: bool = _DEFAULTS.strict_candles,
+    ) -> pd.DataFrame:
         """Every sampled path, long format: series_id (when given), `path`, timestamp and
         the six columns. With the same arguments, `predict` returns the mean of these."""
-        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed, (), freq,
-                                strict_candles)
+        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed, (), freq, strict_candles)
         request = self.prepare(history, params, future_timestamps)
-        outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs,
-                                            self.max_context, self.mode)
+        outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
         return paths_frame(request, self.finish(request, outputs).paths)
 
     # -- the two halves of a call ----------------------------------------------------------
 
-    def prepare(self, history: pd.DataFrame, params: SamplingParams,
-                future_timestamps: pd.DataFrame | None = None) -> PreparedRequest:
+    def prepare(
+        self, history: pd.DataFrame, params: SamplingParams, future_timestamps: pd.DataFrame | None = None
+    ) -> PreparedRequest:
         """Validate a request and build its generation inputs (raises KronosInputError)."""
         if params.pred_len > self.max_context:
             raise KronosInputError(
-                "pred_len", f"must be <= the model context ({self.max_context}), got {params.pred_len}")
+                "pred_len", f"must be <= the model context ({self.max_context}), got {params.pred_len}"
+            )
         all_series = split_series(history, strict=params.strict_candles)
         has_series_id = SERIES_ID in history.columns
         futures = _future_by_series(future_timestamps, all_series, params, has_series_id)
@@ -313,10 +354,14 @@ class KronosForecaster:
             z, mean, std = normalise(series.candles, self.clip)
             stamps = np.concatenate([calendar_features(series.timestamps), calendar_features(future)])
             inputs = SeriesInput(
-                candles=torch.from_numpy(z), stamps=torch.from_numpy(stamps),
-                pred_len=params.pred_len, sample_count=params.sample_count,
-                temperature=float(params.temperature), top_k=int(params.top_k),
-                top_p=float(params.top_p), seed=series_seed(base_seed, index),
+                candles=torch.from_numpy(z),
+                stamps=torch.from_numpy(stamps),
+                pred_len=params.pred_len,
+                sample_count=params.sample_count,
+                temperature=float(params.temperature),
+                top_k=int(params.top_k),
+                top_p=float(params.top_p),
+                seed=series_seed(base_seed, index),
             )
             prepared.append(PreparedSeries(series, future, mean, std, inputs))
         return PreparedRequest(params, prepared, has_series_id)
@@ -331,13 +376,15 @@ class KronosForecaster:
             paths = denormalise(output.paths.float().cpu().numpy(), prepared.mean, prepared.std)
             if not np.isfinite(paths).all():  # never answer NaN/inf (null in JSON) forecasts
                 raise KronosInputError(
-                    "history", "the forecast is not finite: the candle values are beyond what the "
-                               "model's float32 arithmetic carries", prepared.series.label)
+                    "history",
+                    "the forecast is not finite: the candle values are beyond what the "
+                    "model's float32 arithmetic carries",
+                    prepared.series.label,
+                )
             all_paths.append(paths)  # [S, P, 6]
             columns: dict[str, np.ndarray | pd.DatetimeIndex] = {}
             if request.has_series_id:
-                columns[SERIES_ID] = np.array([prepared.series.series_id] * len(prepared.future),
-                                              dtype=object)
+                columns[SERIES_ID] = np.array([prepared.series.series_id] * len(prepared.future), dtype=object)
             columns[TIMESTAMP] = prepared.future
             mean = paths.mean(axis=0)  # [P, 6]
             for j, name in enumerate(CANDLE_COLUMNS):
@@ -368,12 +415,12 @@ def paths_frame(request: PreparedRequest, paths: list[np.ndarray]) -> pd.DataFra
     return pd.concat(frames, ignore_index=True)
 
 
-def _future_by_series(future_timestamps: pd.DataFrame | None, all_series: list[Series],
-                      params: SamplingParams, has_series_id: bool) -> list[pd.DatetimeIndex]:
+def _future_by_series(
+    future_timestamps: pd.DataFrame | None, all_series: list[Series], params: SamplingParams, has_series_id: bool
+) -> list[pd.DatetimeIndex]:
     """Future timestamps per series: given (validated) or inferred from the history."""
     if future_timestamps is None:
-        return [infer_future_timestamps(s.timestamps, params.pred_len, params.freq, s.label)
-                for s in all_series]
+        return [infer_future_timestamps(s.timestamps, params.pred_len, params.freq, s.label) for s in all_series]
     field_name = "future_timestamps"
     if not isinstance(future_timestamps, pd.DataFrame) or TIMESTAMP not in future_timestamps:
         raise KronosInputError(field_name, f"must be a DataFrame with a {TIMESTAMP!r} column")
@@ -387,7 +434,8 @@ def _future_by_series(future_timestamps: pd.DataFrame | None, all_series: list[S
             rows = future_timestamps[TIMESTAMP]
         if len(rows) != params.pred_len:
             raise KronosInputError(
-                field_name, f"needs pred_len={params.pred_len} rows per series, got {len(rows)}", s.label)
+                field_name, f"needs pred_len={params.pred_len} rows per series, got {len(rows)}", s.label
+            )
         future = parse_timestamps(rows.reset_index(drop=True), field_name, s.label)
         check_future(future, s.timestamps[-1], params.pred_len, field_name, s.label)
         result.append(future)
@@ -395,7 +443,7 @@ def _future_by_series(future_timestamps: pd.DataFrame | None, all_series: list[S
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch understands it."""
+    """ "auto" -> cuda when available, else cpu; anything else as torch understands it."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -65,8 +65,7 @@ def check_frame(history: object) -> pd.DataFrame:
         raise KronosInputError(", ".join(duplicated), "column given more than once")
     missing = [c for c in (TIMESTAMP, *PRICE_COLUMNS) if c not in history.columns]
     if missing:
-        raise KronosInputError(
-            ", ".join(missing), f"required column missing (got columns {brief(names, 200)})")
+        raise KronosInputError(", ".join(missing), f"required column missing (got columns {brief(names, 200)})")
     if SERIES_ID in history.columns:
         _check_series_ids(history[SERIES_ID])
     return history
@@ -82,7 +81,8 @@ def _check_series_ids(ids: pd.Series) -> None:
         for row, value in enumerate(ids):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
                 raise KronosInputError(
-                    SERIES_ID, f"must be strings or integers, got {type(value).__name__} {brief(value)} at row {row}")
+                    SERIES_ID, f"must be strings or integers, got {type(value).__name__} {brief(value)} at row {row}"
+                )
 
 
 def split_series(history: pd.DataFrame, min_length: int = 2, strict: bool = True) -> list[Series]:
@@ -106,7 +106,8 @@ def _numeric(part: pd.DataFrame, column: str, label: object) -> np.ndarray:
         for i, value in enumerate(raw):
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, str, np.number)):
                 raise KronosInputError(
-                    column, f"must be numeric, got {type(value).__name__} {brief(value)} at row {rows[i]}", label)
+                    column, f"must be numeric, got {type(value).__name__} {brief(value)} at row {rows[i]}", label
+                )
     try:
         values = pd.to_numeric(raw, errors="raise").to_numpy(dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -114,8 +115,10 @@ def _numeric(part: pd.DataFrame, column: str, label: object) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         raise KronosInputError(
-            column, f"must not contain NaN or infinite values ({int(bad.sum())} rows, first at row "
-                    f"{rows[bad.argmax()]})", label)
+            column,
+            f"must not contain NaN or infinite values ({int(bad.sum())} rows, first at row {rows[bad.argmax()]})",
+            label,
+        )
     check_magnitude(values, column, label, rows)
     return values
 
@@ -163,14 +166,18 @@ def check_strict_prices(prices: np.ndarray, label: object, rows: np.ndarray) -> 
     if bad.any():
         i = int(bad.argmax())
         raise KronosInputError(
-            "high", f"must be >= low ({STRICT}), got high {high[i]:g} < low {low[i]:g} at row {rows[i]}", label)
+            "high", f"must be >= low ({STRICT}), got high {high[i]:g} < low {low[i]:g} at row {rows[i]}", label
+        )
     for name, values in (("open", open_), ("close", close)):
         bad = (values < low) | (values > high)
         if bad.any():
             i = int(bad.argmax())
             raise KronosInputError(
-                name, f"must be within [low, high] ({STRICT}), got {values[i]:g} outside "
-                      f"[{low[i]:g}, {high[i]:g}] at row {rows[i]}", label)
+                name,
+                f"must be within [low, high] ({STRICT}), got {values[i]:g} outside "
+                f"[{low[i]:g}, {high[i]:g}] at row {rows[i]}",
+                label,
+            )
 
 
 def _check_non_negative(values: np.ndarray, name: str, label: object, rows: np.ndarray) -> None:
@@ -186,8 +193,11 @@ def check_magnitude(values: np.ndarray, name: str, label: object, rows: np.ndarr
     if huge.any():
         i = int(huge.argmax())
         raise KronosInputError(
-            name, f"magnitude must be <= {MAX_ABS_VALUE:g} (float32 normalisation), got {values[i]:g}"
-                  f"{f' ({how})' if how else ''} at row {rows[i]}", label)
+            name,
+            f"magnitude must be <= {MAX_ABS_VALUE:g} (float32 normalisation), got {values[i]:g}"
+            f"{f' ({how})' if how else ''} at row {rows[i]}",
+            label,
+        )
 
 
 def normalise(candles: np.ndarray, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -49,15 +49,18 @@ MODEL_REQUIREMENTS = [
 def weight_source(name_or_path: str | Path, revision: str | None, directory: Path) -> dict:
     """Where a checkpoint came from: hub id + requested and resolved revision, or a path;
     plus the sha256 of its weights file."""
-    weights = next((directory / f for f in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE)
-                    if (directory / f).is_file()), None)
+    weights = next((directory / f for f in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) if (directory / f).is_file()), None)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None
     if Path(name_or_path).expanduser().is_dir():
-        return {"kind": "path", "path": str(Path(name_or_path).expanduser().resolve()),
-                "weights_sha256": digest}
+        return {"kind": "path", "path": str(Path(name_or_path).expanduser().resolve()), "weights_sha256": digest}
     resolved = directory.name if directory.parent.name == "snapshots" else None
-    return {"kind": "hub", "id": str(name_or_path), "revision": revision,
-            "resolved_revision": resolved, "weights_sha256": digest}
+    return {
+        "kind": "hub",
+        "id": str(name_or_path),
+        "revision": revision,
+        "resolved_revision": resolved,
+        "weights_sha256": digest,
+    }
 
 
 def _stage_checkpoint(directory: Path, target: Path) -> Path:
@@ -71,15 +74,24 @@ def _stage_checkpoint(directory: Path, target: Path) -> Path:
 
 def _stage_code(target: Path) -> Path:
     """A copy of our package without caches, for `code_paths`."""
-    return Path(shutil.copytree(PACKAGE_DIR, target / PACKAGE_DIR.name,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc")))
+    return Path(
+        shutil.copytree(PACKAGE_DIR, target / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    )
 
 
-def log_kronos_model(tokenizer: str | Path | None, model: str | Path, *, name: str = "model",
-                     registered_model_name: str | None = None, max_context: int | None = None,
-                     revision: str | None = None, tokenizer_revision: str | None = None,
-                     cache_dir: str | Path | None = None, example_rows: int = 64,
-                     tags: dict[str, str] | None = None) -> ModelInfo:
+def log_kronos_model(
+    tokenizer: str | Path | None,
+    model: str | Path,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    max_context: int | None = None,
+    revision: str | None = None,
+    tokenizer_revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    example_rows: int = 64,
+    tags: dict[str, str] | None = None,
+) -> ModelInfo:
     """Log (and optionally register) a Kronos pyfunc from hub ids or local directories.
 
     `tokenizer=None` takes the tokenizer a published model ships with; `max_context=None`
@@ -87,8 +99,14 @@ def log_kronos_model(tokenizer: str | Path | None, model: str | Path, *, name: s
     The checkpoint is loaded once here, so a broken pair fails at log time.
     """
     forecaster = KronosForecaster.from_pretrained(
-        tokenizer, model, max_context=max_context, device="cpu", revision=revision,
-        tokenizer_revision=tokenizer_revision, cache_dir=cache_dir)
+        tokenizer,
+        model,
+        max_context=max_context,
+        device="cpu",
+        revision=revision,
+        tokenizer_revision=tokenizer_revision,
+        cache_dir=cache_dir,
+    )
     if tokenizer is None:
         preset = preset_by_name(str(model))
         tokenizer = preset.tokenizer_id if preset is not None else forecaster.source["tokenizer"]

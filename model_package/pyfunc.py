@@ -64,8 +64,7 @@ def _as_int(name: str, value: object) -> int:
                 raise KronosInputError(name, f"must be an integer, got {brief(value)}") from None
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         if abs(float(value)) > EXACT_FLOAT_INT:
-            raise KronosInputError(
-                name, f"must be an integer; a float above 2**53 is not exact, got {brief(value)}")
+            raise KronosInputError(name, f"must be an integer; a float above 2**53 is not exact, got {brief(value)}")
         return int(value)
     raise KronosInputError(name, f"must be an integer, got {brief(value)}")
 
@@ -145,11 +144,13 @@ def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
     if not isinstance(params, Mapping):
         raise KronosInputError("params", f"must be an object of name -> value, got {type(params).__name__}")
     given = {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS}
-    unknown = sorted(k if isinstance(k, str) and k.isidentifier() else brief(k)  # '' and 'seed ' visible
-                     for k in given if k not in PARAM_SPECS)
+    unknown = sorted(
+        k if isinstance(k, str) and k.isidentifier() else brief(k)  # '' and 'seed ' visible
+        for k in given
+        if k not in PARAM_SPECS
+    )
     if unknown:
-        raise KronosInputError(cut(", ".join(unknown), 120),
-                               f"unknown param (known: {', '.join(PARAM_SPECS)})")
+        raise KronosInputError(cut(", ".join(unknown), 120), f"unknown param (known: {', '.join(PARAM_SPECS)})")
     values = {k: v for k, v in given.items() if v is not None}
     seed = values.get("seed")
     if isinstance(seed, str) and not seed.strip():
@@ -174,13 +175,14 @@ def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
 
 # -- limits -----------------------------------------------------------------------------------
 
-def _over(field: str, limit_name: str, limit: int, value: int, series: object | None = None
-          ) -> KronosInputError:
+
+def _over(field: str, limit_name: str, limit: int, value: int, series: object | None = None) -> KronosInputError:
     return KronosInputError(field, f"must be <= {limit} ({limit_name}), got {value}", series)
 
 
-def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: SamplingParams,
-                 settings: ModelSettings) -> None:
+def check_limits(
+    forecaster: KronosForecaster, history: pd.DataFrame, params: SamplingParams, settings: ModelSettings
+) -> None:
     """Refuse requests over the configured limits and the per-request budget (cheap: counts
     rows, builds nothing)."""
     max_pred_len = min(settings.max_pred_len, forecaster.max_context)
@@ -188,8 +190,7 @@ def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: Sa
         name = "max_pred_len" if max_pred_len == settings.max_pred_len else "model max_context"
         raise _over("pred_len", name, max_pred_len, params.pred_len)
     if params.sample_count > settings.max_sample_count:
-        raise _over("sample_count", "max_sample_count", settings.max_sample_count,
-                    params.sample_count)
+        raise _over("sample_count", "max_sample_count", settings.max_sample_count, params.sample_count)
     if len(params.quantiles) > settings.max_quantiles:
         raise _over("quantiles", "max_quantiles", settings.max_quantiles, len(params.quantiles))
     check_frame(history)  # type, columns and series ids, so that counting them is safe
@@ -198,19 +199,23 @@ def check_limits(forecaster: KronosForecaster, history: pd.DataFrame, params: Sa
     else:
         sizes = pd.Series([len(history)], index=[None])
     if len(sizes) > settings.max_series_per_request:
-        raise _over(SERIES_ID, "max_series_per_request", settings.max_series_per_request,
-                    len(sizes))
+        raise _over(SERIES_ID, "max_series_per_request", settings.max_series_per_request, len(sizes))
     if len(sizes) and sizes.max() > settings.max_history_candles:
         label = sizes.idxmax()
-        raise _over("history", "max_history_candles", settings.max_history_candles,
-                    int(sizes.max()), label if label is not None else "<single>")
-    cost = request_cost(forecaster, [int(n) for n in sizes], params.pred_len, params.sample_count,
-                        len(history))
+        raise _over(
+            "history",
+            "max_history_candles",
+            settings.max_history_candles,
+            int(sizes.max()),
+            label if label is not None else "<single>",
+        )
+    cost = request_cost(forecaster, [int(n) for n in sizes], params.pred_len, params.sample_count, len(history))
     check_request_budget(cost, settings)
 
 
-def prepare_request(forecaster: KronosForecaster, model_input: pd.DataFrame,
-                    params: Mapping[str, Any] | None, settings: ModelSettings) -> PreparedRequest:
+def prepare_request(
+    forecaster: KronosForecaster, model_input: pd.DataFrame, params: Mapping[str, Any] | None, settings: ModelSettings
+) -> PreparedRequest:
     """Validate one request (params, limits, candles) and build its generation inputs.
 
     Raises KronosInputError naming the series, the field and the rule.
@@ -222,9 +227,9 @@ def prepare_request(forecaster: KronosForecaster, model_input: pd.DataFrame,
 
 def run_request(forecaster: KronosForecaster, request: PreparedRequest) -> pd.DataFrame:
     """Generate one prepared request and return its forecast frame."""
-    outputs, forecaster.last_stats = generate(forecaster.tokenizer, forecaster.model,
-                                              request.inputs, forecaster.max_context,
-                                              forecaster.mode)
+    outputs, forecaster.last_stats = generate(
+        forecaster.tokenizer, forecaster.model, request.inputs, forecaster.max_context, forecaster.mode
+    )
     return forecaster.finish(request, outputs).frame
 
 
@@ -234,6 +239,7 @@ def invalid_input(exc: KronosInputError) -> MlflowException:
 
 
 # -- the pyfunc -------------------------------------------------------------------------------
+
 
 class KronosPyfuncModel(PythonModel):
     """MLflow pyfunc around a KronosForecaster built from the logged checkpoint artifacts."""
@@ -249,10 +255,13 @@ class KronosPyfuncModel(PythonModel):
             tokenizer=context.artifacts[TOKENIZER_ARTIFACT],
             model=context.artifacts[MODEL_ARTIFACT],
             max_context=int(max_context) if max_context is not None else None,
-            device=self.settings.device, mode=self.settings.generation_mode)
+            device=self.settings.device,
+            mode=self.settings.generation_mode,
+        )
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Forecast every series of `model_input` (long format) with the sampling params."""
         try:
             request = prepare_request(self.forecaster, model_input, params, self.settings)

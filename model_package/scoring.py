@@ -38,12 +38,13 @@ def parse_scoring_request(body: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
     tensors = [k for k in TENSOR_KEYS if k in document]
     if tensors:
         raise KronosInputError(
-            tensors[0], f"tensor input is not supported: this model takes a frame, send one of "
-                        f"{', '.join(FRAME_KEYS)}")
+            tensors[0], f"tensor input is not supported: this model takes a frame, send one of {', '.join(FRAME_KEYS)}"
+        )
     unknown = [k for k in document if k not in (*FRAME_KEYS, PARAMS)]
     if unknown:
         raise KronosInputError(
-            "body", f"unknown key {brief(unknown[0])} (accepted: {', '.join((*FRAME_KEYS, PARAMS))})")
+            "body", f"unknown key {brief(unknown[0])} (accepted: {', '.join((*FRAME_KEYS, PARAMS))})"
+        )
     given = [k for k in FRAME_KEYS if k in document]
     if len(given) != 1:
         rule = "give only one of" if given else "needs one of"
@@ -90,8 +91,15 @@ def _no_constant(name: str) -> float:
 
 
 def _json_type(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _split_frame(split: object) -> pd.DataFrame:
@@ -120,7 +128,8 @@ def _split_frame(split: object) -> pd.DataFrame:
             raise KronosInputError(f"{SPLIT}.data", f"row {row} must be an array, got {_json_type(values)}")
         if len(values) != len(columns):
             raise KronosInputError(
-                f"{SPLIT}.data", f"row {row} has {len(values)} values, expected {len(columns)} (one per column)")
+                f"{SPLIT}.data", f"row {row} has {len(values)} values, expected {len(columns)} (one per column)"
+            )
     frame = pd.DataFrame(data, columns=columns) if data else pd.DataFrame(columns=columns)
     _check_scalars(frame, SPLIT)
     return frame
@@ -145,5 +154,7 @@ def _check_scalars(frame: pd.DataFrame, part: str) -> None:
         for row, value in enumerate(frame[column]):
             if not isinstance(value, SCALARS):
                 raise KronosInputError(
-                    str(column), f"cells of {part} must be strings, numbers, booleans or null, got "
-                                 f"{_json_type(value)} {brief(value)} at row {row}")
+                    str(column),
+                    f"cells of {part} must be strings, numbers, booleans or null, got "
+                    f"{_json_type(value)} {brief(value)} at row {row}",
+                )

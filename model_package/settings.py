@@ -29,17 +29,21 @@ class ModelSettings(BaseSettings):
 
     device: str = Field("auto", description='"auto" (cuda when available, else cpu), "cpu", "cuda:0"...')
     generation_mode: Literal["fast", "reference", "rolling"] = Field(
-        "fast", description="generator implementation (see model_package.kronos.generation)")
+        "fast", description="generator implementation (see model_package.kronos.generation)"
+    )
     max_history_candles: int = Field(4096, ge=2, description="candles per series")
     max_pred_len: int = Field(
-        512, ge=1, description="forecast steps per series; also capped by the model's max_context")
+        512, ge=1, description="forecast steps per series; also capped by the model's max_context"
+    )
     max_series_per_request: int = Field(64, ge=1, description="distinct series_id values")
     max_sample_count: int = Field(64, ge=1, description="sampled paths per series")
     max_quantiles: int = Field(32, ge=0, description="quantile levels per request")
     max_request_memory_mb: float = Field(
-        1024, gt=0, description="memory one request may need (KV caches, activations, inputs; MiB)")
+        1024, gt=0, description="memory one request may need (KV caches, activations, inputs; MiB)"
+    )
     max_request_candles: int = Field(
-        262_144, ge=1, description="candles one request may generate (series x sample_count x pred_len)")
+        262_144, ge=1, description="candles one request may generate (series x sample_count x pred_len)"
+    )
 
     @property
     def max_request_memory_bytes(self) -> int:
@@ -55,22 +59,30 @@ def settings_variables(*classes: type[BaseSettings]) -> set[str]:
     return names
 
 
-def unknown_variables(known: Iterable[str], environ: Mapping[str, str] | None = None,
-                      other_namespaces: Iterable[str] = ()) -> list[str]:
+def unknown_variables(
+    known: Iterable[str], environ: Mapping[str, str] | None = None, other_namespaces: Iterable[str] = ()
+) -> list[str]:
     """`KRONOS_*` names in `environ` (default os.environ) that are not `known` and do not
     start with one of `other_namespaces` (prefixes owned by other programs, such as the
     gateway's `KRONOS_GATEWAY_`), sorted."""
     known = {name.upper() for name in known}
     skipped = tuple(other_namespaces)
     environ = os.environ if environ is None else environ
-    return sorted(name for name in environ
-                  if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
-                  and not (skipped and name.upper().startswith(skipped)))
+    return sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not (skipped and name.upper().startswith(skipped))
+    )
 
 
-def check_environment(*classes: type[BaseSettings], also: Iterable[str] = (),
-                      other_namespaces: Iterable[str] = (),
-                      environ: Mapping[str, str] | None = None) -> None:
+def check_environment(
+    *classes: type[BaseSettings],
+    also: Iterable[str] = (),
+    other_namespaces: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> None:
     """Raise ValueError naming every `KRONOS_*` variable of `environ` that none of `classes`
     (nor `also`) reads, with the closest known name as a hint."""
     known = settings_variables(*classes) | {name.upper() for name in also}
@@ -81,5 +93,6 @@ def check_environment(*classes: type[BaseSettings], also: Iterable[str] = (),
     for name in unknown:
         close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
         hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
-    raise ValueError(f"unknown {ENV_PREFIX}* environment variable(s): {', '.join(hints)}; "
-                     f"known: {', '.join(sorted(known))}")
+    raise ValueError(
+        f"unknown {ENV_PREFIX}* environment variable(s): {', '.join(hints)}; known: {', '.join(sorted(known))}"
+    )

@@ -57,28 +57,33 @@ PARAM_SPECS: dict[str, tuple[DataType, object, tuple[int, ...] | None]] = _param
 
 def input_schema() -> Schema:
     """The candle columns a request carries."""
-    return Schema([
-        ColSpec(DataType.string, SERIES_ID, required=False),
-        ColSpec(DataType.datetime, TIMESTAMP),
-        *[ColSpec(DataType.double, name) for name in PRICE_COLUMNS],
-        ColSpec(DataType.double, VOLUME, required=False),
-        ColSpec(DataType.double, AMOUNT, required=False),
-    ])
+    return Schema(
+        [
+            ColSpec(DataType.string, SERIES_ID, required=False),
+            ColSpec(DataType.datetime, TIMESTAMP),
+            *[ColSpec(DataType.double, name) for name in PRICE_COLUMNS],
+            ColSpec(DataType.double, VOLUME, required=False),
+            ColSpec(DataType.double, AMOUNT, required=False),
+        ]
+    )
 
 
 def output_schema() -> Schema:
     """The fixed forecast columns (quantile columns come on top, see the module doc)."""
-    return Schema([
-        ColSpec(DataType.string, SERIES_ID, required=False),
-        ColSpec(DataType.datetime, TIMESTAMP),
-        *[ColSpec(DataType.double, name) for name in CANDLE_COLUMNS],
-    ])
+    return Schema(
+        [
+            ColSpec(DataType.string, SERIES_ID, required=False),
+            ColSpec(DataType.datetime, TIMESTAMP),
+            *[ColSpec(DataType.double, name) for name in CANDLE_COLUMNS],
+        ]
+    )
 
 
 def param_schema() -> ParamSchema:
     """The sampling params with their types and defaults."""
-    return ParamSchema([ParamSpec(name, dtype, default, shape)
-                        for name, (dtype, default, shape) in PARAM_SPECS.items()])
+    return ParamSchema(
+        [ParamSpec(name, dtype, default, shape) for name, (dtype, default, shape) in PARAM_SPECS.items()]
+    )
 
 
 def kronos_signature() -> ModelSignature:

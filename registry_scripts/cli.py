@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import errors
 from .errors import CliError
@@ -52,8 +53,9 @@ def _positive(text: str) -> int:
 def _add_log(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("log", parents=[common], help="register a checkpoint as a new version (alias challenger)")
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="hub id or directory (same as --model)")
-    p.add_argument("--model", type=_text,
-                   help="predictor hub id or local checkpoint dir (default NeoQuasar/Kronos-small)")
+    p.add_argument(
+        "--model", type=_text, help="predictor hub id or local checkpoint dir (default NeoQuasar/Kronos-small)"
+    )
     p.add_argument("--tokenizer", type=_text, help="tokenizer hub id or dir (default: the model's published tokenizer)")
     p.add_argument("--revision", type=_text, help="hub revision of the model")
     p.add_argument("--tokenizer-revision", type=_text, help="hub revision of the tokenizer")
@@ -68,8 +70,12 @@ def _add_log(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("evaluate", parents=[common], help="rolling-origin backtest vs persistence")
-    p.add_argument("refs", nargs="*", metavar="VERSION",
-                   help="versions or aliases (default: challenger and champion, those that exist)")
+    p.add_argument(
+        "refs",
+        nargs="*",
+        metavar="VERSION",
+        help="versions or aliases (default: challenger and champion, those that exist)",
+    )
     p.add_argument("--versions", type=_text, help="the same as a space- or comma-separated list")
     p.add_argument("--data", type=_text, help="long-format CSV or Parquet (default: daily S&P 500 from arch)")
     p.add_argument("--index", default="SP500", choices=["SP500", "NASDAQ"], help="arch index when no --data")
@@ -79,8 +85,14 @@ def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--step", type=_positive, help="candles between origins (default: horizon)")
     p.add_argument("--samples", type=_positive, default=8, help="sample paths per window (default 8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--band", type=float, nargs=2, default=(0.1, 0.9), metavar=("LOW", "HIGH"),
-                   help="quantile band for coverage (default 0.1 0.9)")
+    p.add_argument(
+        "--band",
+        type=float,
+        nargs=2,
+        default=(0.1, 0.9),
+        metavar=("LOW", "HIGH"),
+        help="quantile band for coverage (default 0.1 0.9)",
+    )
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -89,8 +101,9 @@ def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("ref", nargs="?", metavar="VERSION", help="version or alias (default challenger)")
     p.add_argument("--version", dest="version_opt", metavar="N", help="same as VERSION")
     p.add_argument("--max-mase", type=float, default=1.0, help="candidate MASE must be below (default 1)")
-    p.add_argument("--tolerance", type=float, default=0.02,
-                   help="allowed relative MASE loss vs champion (default 0.02)")
+    p.add_argument(
+        "--tolerance", type=float, default=0.02, help="allowed relative MASE loss vs champion (default 0.02)"
+    )
     _add_flag(p, "--force", "skip the gate (needs --reason)")
     p.add_argument("--reason", type=_text, help="why (recorded in the event log)")
     p.set_defaults(handler=_run_promote)
@@ -114,9 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", help="registered model name (default $KRONOS_REGISTERED_MODEL or kronos)")
-    parser = argparse.ArgumentParser(prog="kronos-registry", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kronos-registry",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_log, _add_evaluate, _add_promote, _add_rollback, _add_history):
         add(sub, common)
@@ -124,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- handlers (imports are local: `history` should not pay for torch) ------------------------
+
 
 def _run_log(args: argparse.Namespace) -> int:
     from .log_version import LogRequest, log_version
@@ -133,9 +150,18 @@ def _run_log(args: argparse.Namespace) -> int:
         raise CliError("give the model once: MODEL or --model", errors.USAGE)
     if args.demo and (args.model_arg or args.model or args.tokenizer):
         raise CliError("--demo makes its own weights; drop MODEL/--model/--tokenizer", errors.USAGE)
-    request = LogRequest(args.model_arg or args.model, args.tokenizer, args.demo, args.demo_seed,
-                         args.revision, args.tokenizer_revision, args.max_context,
-                         args.if_no_champion, args.promote, args.reason)
+    request = LogRequest(
+        args.model_arg or args.model,
+        args.tokenizer,
+        args.demo,
+        args.demo_seed,
+        args.revision,
+        args.tokenizer_revision,
+        args.max_context,
+        args.if_no_champion,
+        args.promote,
+        args.reason,
+    )
     log_version(connect(args.name), request)
     return errors.OK
 
@@ -155,7 +181,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     refs = refs or [a for a in (CHALLENGER, CHAMPION) if registry.alias_version(a) is not None]
     if not refs:
         raise NotFoundError(f"model {registry.model_name!r} has neither {CHALLENGER} nor {CHAMPION}; name versions")
-    versions = {}
+    versions: dict[str, Any] = {}
     for ref in refs:
         version = registry.resolve(ref)
         versions.setdefault(str(version.version), version)
@@ -163,8 +189,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .backtest import BacktestSpec
     from .evaluate import evaluate, format_results
 
-    spec = BacktestSpec(args.windows, args.context, args.horizon, args.step, args.samples, args.seed,
-                        (low, high))
+    spec = BacktestSpec(args.windows, args.context, args.horizon, args.step, args.samples, args.seed, (low, high))
     results = evaluate(registry, list(versions.values()), candles, data, spec)
     print(f"evaluated on {data}: {spec.describe()}")
     print(format_results(results))
@@ -178,8 +203,13 @@ def _run_promote(args: argparse.Namespace) -> int:
 
     if args.ref and args.version_opt:
         raise CliError("give the version once: VERSION or --version", errors.USAGE)
-    promote(connect(args.name), args.version_opt or args.ref or CHALLENGER,
-            GatePolicy(args.max_mase, args.tolerance), args.force, args.reason)
+    promote(
+        connect(args.name),
+        args.version_opt or args.ref or CHALLENGER,
+        GatePolicy(args.max_mase, args.tolerance),
+        args.force,
+        args.reason,
+    )
     return errors.OK
 
 
@@ -200,6 +230,7 @@ def _run_history(args: argparse.Namespace) -> int:
 
 
 # -- errors -> one line + exit code --------------------------------------------------------------
+
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """Exit code and one-line message for an exception escaping a handler."""

@@ -38,8 +38,7 @@ def validate(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
         raise BadDataError(f"{origin}: missing column(s) {', '.join(missing)}; need {', '.join(REQUIRED)}")
     if frame.empty:
         raise BadDataError(f"{origin}: no rows")
-    out = pd.DataFrame({"series_id": frame["series_id"].astype(str) if "series_id" in frame
-                        else DEFAULT_SERIES})
+    out = pd.DataFrame({"series_id": frame["series_id"].astype(str) if "series_id" in frame else DEFAULT_SERIES})
     try:
         out["timestamp"] = pd.to_datetime(frame["timestamp"], errors="raise")
     except (ValueError, TypeError) as exc:
@@ -62,4 +61,5 @@ def load_candles(path: str | None, index: str = "SP500") -> tuple[pd.DataFrame, 
         file = Path(path).expanduser()
         return validate(read_file(file), str(file)), f"file:{file.name}"
     from model_package.data import load_index  # imports torch: only when needed
+
     return validate(load_index(index), f"arch:{index}"), f"arch:{index}"

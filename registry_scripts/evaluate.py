@@ -40,7 +40,7 @@ def setup_digest(spec: BacktestSpec, data: str, rows: int) -> str:
 
 def _chunks(windows: list[Window], size: int) -> Iterator[list[Window]]:
     for start in range(0, len(windows), size):
-        yield windows[start:start + size]
+        yield windows[start : start + size]
 
 
 def load_forecaster(registry: Registry, version: ModelVersion) -> KronosForecaster:
@@ -49,16 +49,18 @@ def load_forecaster(registry: Registry, version: ModelVersion) -> KronosForecast
     return model.unwrap_python_model().forecaster
 
 
-def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: BacktestSpec,
-                 progress: tqdm) -> np.ndarray:
+def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: BacktestSpec, progress: tqdm) -> np.ndarray:
     """[W, S, H] sampled close paths for every window (batched, `CHUNK` windows a call)."""
     out = []
     for chunk in _chunks(windows, CHUNK):
         history = pd.concat([w.history.assign(series_id=w.window_id) for w in chunk], ignore_index=True)
-        future = pd.concat([pd.DataFrame({"series_id": w.window_id, "timestamp": w.actual["timestamp"]})
-                            for w in chunk], ignore_index=True)
-        paths = forecaster.predict_paths(history, spec.horizon, future_timestamps=future,
-                                         sample_count=spec.samples, seed=spec.seed)
+        future = pd.concat(
+            [pd.DataFrame({"series_id": w.window_id, "timestamp": w.actual["timestamp"]}) for w in chunk],
+            ignore_index=True,
+        )
+        paths = forecaster.predict_paths(
+            history, spec.horizon, future_timestamps=future, sample_count=spec.samples, seed=spec.seed
+        )
         for w in chunk:
             closes = paths.loc[paths["series_id"] == w.window_id].sort_values(["path", "timestamp"])
             out.append(closes["close"].to_numpy().reshape(spec.samples, spec.horizon))
@@ -66,8 +68,7 @@ def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: Back
     return np.stack(out)
 
 
-def fan_chart(windows: list[Window], paths: np.ndarray, band: tuple[float, float], title: str
-              ) -> Figure:
+def fan_chart(windows: list[Window], paths: np.ndarray, band: tuple[float, float], title: str) -> Figure:
     """Context tail, actual closes, mean forecast and the quantile band of a few windows."""
     shown = list(range(len(windows)))[-FAN_WINDOWS:]
     fig = Figure(figsize=(5 * len(shown), 3.5))
@@ -80,8 +81,9 @@ def fan_chart(windows: list[Window], paths: np.ndarray, band: tuple[float, float
         ax.plot(w.actual["timestamp"], p.mean(axis=0), color="tab:blue", label="forecast mean")
         if p.shape[0] > 1:
             low, high = np.quantile(p, band, axis=0)
-            ax.fill_between(w.actual["timestamp"], low, high, color="tab:blue", alpha=0.25,
-                            label=f"q{band[0]:g}-q{band[1]:g}")
+            ax.fill_between(
+                w.actual["timestamp"], low, high, color="tab:blue", alpha=0.25, label=f"q{band[0]:g}-q{band[1]:g}"
+            )
         ax.set_title(w.window_id, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     axes[0][0].legend(fontsize=7)
@@ -94,33 +96,55 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
 
 
-def record(registry: Registry, version: ModelVersion, spec: BacktestSpec, data: str, digest: str,
-           windows: list[Window], paths: np.ndarray, metrics: dict[str, float],
-           baseline: dict[str, float]) -> str:
+def record(
+    registry: Registry,
+    version: ModelVersion,
+    spec: BacktestSpec,
+    data: str,
+    digest: str,
+    windows: list[Window],
+    paths: np.ndarray,
+    metrics: dict[str, float],
+    baseline: dict[str, float],
+) -> str:
     """Log one version's evaluation run and copy its headline metrics to version tags."""
     name = registry.model_name
     with start_run(registry, EVAL_EXPERIMENT, f"eval-{name}-v{version.version}") as run:
-        mlflow.set_tags({"kronos.model_name": name, "kronos.model_version": version.version,
-                         "kronos.model_uri": f"models:/{name}/{version.version}",
-                         "kronos.eval_setup": digest, "kronos.data": data})
-        mlflow.log_params({**spec.describe(), "data": data, "model_version": version.version,
-                           "n_windows": len(windows)})
+        mlflow.set_tags(
+            {
+                "kronos.model_name": name,
+                "kronos.model_version": version.version,
+                "kronos.model_uri": f"models:/{name}/{version.version}",
+                "kronos.eval_setup": digest,
+                "kronos.data": data,
+            }
+        )
+        mlflow.log_params(
+            {**spec.describe(), "data": data, "model_version": version.version, "n_windows": len(windows)}
+        )
         mlflow.log_metrics(_finite(metrics))
         mlflow.log_metrics({f"persistence_{k}": v for k, v in _finite(baseline).items()})
         mlflow.log_text(windows_table(windows, paths).to_csv(index=False), "windows.csv")
-        mlflow.log_figure(fan_chart(windows, paths, spec.band, f"{name} v{version.version} on {data}"),
-                          "fan_chart.png")
+        mlflow.log_figure(fan_chart(windows, paths, spec.band, f"{name} v{version.version} on {data}"), "fan_chart.png")
     tags = {f"eval.{k}": f"{v:.6g}" for k, v in metrics.items()}
-    tags.update({"eval.run_id": run.info.run_id, "eval.setup": digest, "eval.data": data,
-                 "eval.windows": str(len(windows)), "eval.persistence_mae": f"{baseline['mae']:.6g}",
-                 "eval.at": datetime.now(UTC).isoformat(timespec="seconds")})
+    tags.update(
+        {
+            "eval.run_id": run.info.run_id,
+            "eval.setup": digest,
+            "eval.data": data,
+            "eval.windows": str(len(windows)),
+            "eval.persistence_mae": f"{baseline['mae']:.6g}",
+            "eval.at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
     for key, value in tags.items():
         registry.client.set_model_version_tag(name, version.version, key, value)
     return run.info.run_id
 
 
-def evaluate(registry: Registry, versions: list[ModelVersion], candles: pd.DataFrame, data: str,
-             spec: BacktestSpec) -> dict[str, dict[str, float]]:
+def evaluate(
+    registry: Registry, versions: list[ModelVersion], candles: pd.DataFrame, data: str, spec: BacktestSpec
+) -> dict[str, dict[str, float]]:
     """Backtest each version and persistence on the same windows; returns metrics by label."""
     try:
         windows = cut_windows(candles, spec)
@@ -131,8 +155,9 @@ def evaluate(registry: Registry, versions: list[ModelVersion], candles: pd.DataF
     baseline["mase"] = 1.0
     results: dict[str, dict[str, float]] = {"persistence": baseline}
     total = len(versions) * math.ceil(len(windows) / CHUNK)
-    with tqdm(total=total, desc="backtest", unit="chunk", file=sys.stderr,
-              disable=None, dynamic_ncols=True) as progress:
+    with tqdm(
+        total=total, desc="backtest", unit="chunk", file=sys.stderr, disable=None, dynamic_ncols=True
+    ) as progress:
         for version in versions:
             progress.set_postfix_str(f"v{version.version}")
             paths = sample_paths(load_forecaster(registry, version), windows, spec, progress)
@@ -147,7 +172,6 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     columns = ["mae", "rmse", "mase", "direction_acc", "crps", "coverage"]
     lines = [f"{'model':<12}" + "".join(f"{c:>14}" for c in columns)]
     for label, metrics in results.items():
-        cells = "".join(f"{metrics[c]:>14.4f}" if isinstance(metrics.get(c), float) else f"{'-':>14}"
-                        for c in columns)
+        cells = "".join(f"{metrics[c]:>14.4f}" if isinstance(metrics.get(c), float) else f"{'-':>14}" for c in columns)
         lines.append(f"{label:<12}{cells}")
     return "\n".join(lines)

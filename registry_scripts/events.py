@@ -51,15 +51,22 @@ def read_events(registry: Registry) -> list[dict[str, Any]]:
     return sorted(events, key=lambda e: e["seq"])
 
 
-def append_event(registry: Registry, action: str, version: str, previous: str | None,
-                 reason: str | None, **extra: Any) -> dict[str, Any]:
+def append_event(
+    registry: Registry, action: str, version: str, previous: str | None, reason: str | None, **extra: Any
+) -> dict[str, Any]:
     """Record one champion move; returns the stored event."""
     events = read_events(registry)
     seq = (events[-1]["seq"] + 1) if events else 1
-    event = {"seq": seq, "action": action, "version": str(version),
-             "previous": str(previous) if previous is not None else None,
-             "user": who(), "at": datetime.now(UTC).isoformat(timespec="seconds"),
-             "reason": reason, **extra}
+    event = {
+        "seq": seq,
+        "action": action,
+        "version": str(version),
+        "previous": str(previous) if previous is not None else None,
+        "user": who(),
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reason": reason,
+        **extra,
+    }
     value = json.dumps(event, sort_keys=True, separators=(",", ":"))
     if len(value) > MAX_TAG_CHARS:
         event["reason"] = (reason or "")[:500]
@@ -79,7 +86,7 @@ def champion_lineage(events: list[dict[str, Any]]) -> list[str]:
         elif event.get("action") == "rollback" and version is not None:
             earlier = [i for i, v in enumerate(stack[:-1]) if v == str(version)]
             if earlier:
-                del stack[earlier[-1] + 1:]
+                del stack[earlier[-1] + 1 :]
             else:
                 stack.append(str(version))
     return stack

@@ -48,8 +48,12 @@ def check(candidate: ModelVersion, champion: ModelVersion | None, policy: GatePo
     tags = candidate.tags or {}
     mase = _mase(candidate)
     numbers: dict[str, float | str | None] = {
-        "candidate": candidate.version, "candidate_mase": mase, "max_mase": policy.max_mase,
-        "tolerance": policy.tolerance, "setup": tags.get("eval.setup")}
+        "candidate": candidate.version,
+        "candidate_mase": mase,
+        "max_mase": policy.max_mase,
+        "tolerance": policy.tolerance,
+        "setup": tags.get("eval.setup"),
+    }
     if mase is None:
         decision = GateDecision(True, [], numbers)
         decision.fail(f"version {candidate.version} has no evaluation (run `kronos-registry evaluate` first)")
@@ -59,22 +63,29 @@ def check(candidate: ModelVersion, champion: ModelVersion | None, policy: GatePo
         beats = " (beats persistence)" if policy.max_mase <= 1 else ""
         decision.reasons.append(f"MASE {mase:.4f} < {policy.max_mase:g}{beats}")
     else:
-        decision.fail(f"MASE {mase:.4f} >= {policy.max_mase:g}: does not beat persistence "
-                                f"(MAE {tags.get('eval.mae')} vs persistence {tags.get('eval.persistence_mae')})")
+        decision.fail(
+            f"MASE {mase:.4f} >= {policy.max_mase:g}: does not beat persistence "
+            f"(MAE {tags.get('eval.mae')} vs persistence {tags.get('eval.persistence_mae')})"
+        )
     if champion is None or champion.version == candidate.version:
         return decision
     numbers["champion"] = champion.version
     champion_mase = _mase(champion)
     numbers["champion_mase"] = champion_mase
     if champion_mase is None or (champion.tags or {}).get("eval.setup") != tags.get("eval.setup"):
-        decision.fail(f"champion v{champion.version} has no evaluation on the same setup "
-                                f"(run `kronos-registry evaluate {candidate.version} champion`)")
+        decision.fail(
+            f"champion v{champion.version} has no evaluation on the same setup "
+            f"(run `kronos-registry evaluate {candidate.version} champion`)"
+        )
         return decision
     limit = champion_mase * (1 + policy.tolerance)
     if mase <= limit:
-        decision.reasons.append(f"MASE {mase:.4f} <= champion v{champion.version} {champion_mase:.4f} "
-                                f"x (1 + {policy.tolerance:g})")
+        decision.reasons.append(
+            f"MASE {mase:.4f} <= champion v{champion.version} {champion_mase:.4f} x (1 + {policy.tolerance:g})"
+        )
     else:
-        decision.fail(f"MASE {mase:.4f} > champion v{champion.version} {champion_mase:.4f} "
-                                f"x (1 + {policy.tolerance:g}) = {limit:.4f}")
+        decision.fail(
+            f"MASE {mase:.4f} > champion v{champion.version} {champion_mase:.4f} "
+            f"x (1 + {policy.tolerance:g}) = {limit:.4f}"
+        )
     return decision

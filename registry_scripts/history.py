@@ -32,30 +32,53 @@ def versions_table(registry: Registry) -> str:
     rows = []
     for v in registry.versions():
         tags = v.tags or {}
-        rows.append([v.version, ",".join(sorted(aliases.get(str(v.version), []))) or None,
-                     _created(v.creation_timestamp), tags.get("kronos.weights.source"),
-                     "DEMO" if tags.get("kronos.demo") == "true" else None,
-                     tags.get("eval.mase"), tags.get("eval.mae"), tags.get("eval.crps"),
-                     tags.get("eval.coverage"), tags.get("eval.setup")])
-    return table(["version", "aliases", "created", "weights", "demo", "mase", "mae", "crps",
-                  "coverage", "eval_setup"], rows)
+        rows.append(
+            [
+                v.version,
+                ",".join(sorted(aliases.get(str(v.version), []))) or None,
+                _created(v.creation_timestamp),
+                tags.get("kronos.weights.source"),
+                "DEMO" if tags.get("kronos.demo") == "true" else None,
+                tags.get("eval.mase"),
+                tags.get("eval.mae"),
+                tags.get("eval.crps"),
+                tags.get("eval.coverage"),
+                tags.get("eval.setup"),
+            ]
+        )
+    return table(
+        ["version", "aliases", "created", "weights", "demo", "mase", "mae", "crps", "coverage", "eval_setup"], rows
+    )
 
 
 def events_table(registry: Registry) -> str:
     """One row per recorded promotion / rollback, oldest first."""
-    rows = [[f"{e['seq']:04d}", e.get("at"), e.get("action"), e.get("version"), e.get("previous"),
-             e.get("user"), "yes" if e.get("forced") else None, e.get("reason")]
-            for e in read_events(registry)]
+    rows = [
+        [
+            f"{e['seq']:04d}",
+            e.get("at"),
+            e.get("action"),
+            e.get("version"),
+            e.get("previous"),
+            e.get("user"),
+            "yes" if e.get("forced") else None,
+            e.get("reason"),
+        ]
+        for e in read_events(registry)
+    ]
     return table(["event", "at", "action", "version", "previous", "user", "forced", "reason"], rows)
 
 
 def version_detail(registry: Registry, ref: str) -> str:
     """Every tag of one version, plus its aliases and source."""
     version = registry.resolve(ref)
-    lines = [f"{registry.model_name} version {version.version}",
-             f"  aliases: {', '.join(version.aliases or []) or '-'}",
-             f"  created: {_created(version.creation_timestamp)}",
-             f"  run_id:  {version.run_id}", f"  source:  {version.source}"]
+    lines = [
+        f"{registry.model_name} version {version.version}",
+        f"  aliases: {', '.join(version.aliases or []) or '-'}",
+        f"  created: {_created(version.creation_timestamp)}",
+        f"  run_id:  {version.run_id}",
+        f"  source:  {version.source}",
+    ]
     lines += [f"  {key} = {value}" for key, value in sorted((version.tags or {}).items())]
     return "\n".join(lines)
 
@@ -65,6 +88,14 @@ def history(registry: Registry, ref: str | None = None) -> str:
     registry.require_model()
     if ref is not None:
         return version_detail(registry, ref)
-    return "\n".join([f"registered model {registry.model_name!r} at {registry.uri}", "",
-                      "versions", versions_table(registry), "", "champion events",
-                      events_table(registry)])
+    return "\n".join(
+        [
+            f"registered model {registry.model_name!r} at {registry.uri}",
+            "",
+            "versions",
+            versions_table(registry),
+            "",
+            "champion events",
+            events_table(registry),
+        ]
+    )

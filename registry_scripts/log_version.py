@@ -27,13 +27,35 @@ from .registry import CHALLENGER, CHAMPION, LOG_EXPERIMENT, ROOT, Registry, star
 DEFAULT_MODEL = "NeoQuasar/Kronos-small"
 DEMO_MAX_CONTEXT = 256
 DEMO_TOKENIZER = TokenizerConfig(
-    d_in=6, d_model=32, n_heads=2, ff_dim=64, n_enc_layers=2, n_dec_layers=2,
-    ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=8, s2_bits=8,
-    beta=0.05, gamma0=1.0, gamma=1.1, zeta=0.05, group_size=4,
+    d_in=6,
+    d_model=32,
+    n_heads=2,
+    ff_dim=64,
+    n_enc_layers=2,
+    n_dec_layers=2,
+    ffn_dropout_p=0.0,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    s1_bits=8,
+    s2_bits=8,
+    beta=0.05,
+    gamma0=1.0,
+    gamma=1.1,
+    zeta=0.05,
+    group_size=4,
 )
 DEMO_MODEL = KronosConfig(
-    s1_bits=8, s2_bits=8, n_layers=2, d_model=64, n_heads=4, ff_dim=128, ffn_dropout_p=0.0,
-    attn_dropout_p=0.0, resid_dropout_p=0.0, token_dropout_p=0.0, learn_te=True,
+    s1_bits=8,
+    s2_bits=8,
+    n_layers=2,
+    d_model=64,
+    n_heads=4,
+    ff_dim=128,
+    ffn_dropout_p=0.0,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    token_dropout_p=0.0,
+    learn_te=True,
 )
 DEMO_WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -62,10 +84,20 @@ def code_version() -> str:
     """Package version plus the git commit of the project (`-dirty` with local changes)."""
     version = model_package.__version__
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return version
     return f"{version}+g{commit}{'-dirty' if dirty else ''}" if commit else version
@@ -120,9 +152,14 @@ def _log(registry: Registry, request: LogRequest, workdir: Path) -> mlflow.model
     run_name = "log-demo" if request.demo else f"log-{Path(str(model)).name}"
     with start_run(registry, LOG_EXPERIMENT, run_name):
         mlflow.set_tag("kronos.demo", "true" if request.demo else "false")
-        return log_kronos_model(tokenizer, model, registered_model_name=registry.model_name,
-                                max_context=max_context, revision=request.revision,
-                                tokenizer_revision=request.tokenizer_revision)
+        return log_kronos_model(
+            tokenizer,
+            model,
+            registered_model_name=registry.model_name,
+            max_context=max_context,
+            revision=request.revision,
+            tokenizer_revision=request.tokenizer_revision,
+        )
 
 
 def log_version(registry: Registry, request: LogRequest) -> str | None:
@@ -147,7 +184,14 @@ def log_version(registry: Registry, request: LogRequest) -> str | None:
         previous = registry.alias_version(CHAMPION)
         client.set_registered_model_alias(name, CHAMPION, version)
         client.delete_registered_model_alias(name, CHALLENGER)
-        append_event(registry, "promote", version, previous,
-                     request.reason or "log --promote (bootstrap)", forced=True, gate=None)
+        append_event(
+            registry,
+            "promote",
+            version,
+            previous,
+            request.reason or "log --promote (bootstrap)",
+            forced=True,
+            gate=None,
+        )
         print(f"promoted {name} version {version} to {CHAMPION} (previous: {previous or 'none'})")
     return version

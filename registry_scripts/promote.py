@@ -11,7 +11,7 @@ from .registry import CHALLENGER, CHAMPION, Registry
 def promote(registry: Registry, ref: str, policy: GatePolicy, force: bool, reason: str | None) -> str:
     """Make version `ref` (default: challenger) champion when the gate passes or `force`."""
     if force and not (reason and reason.strip()):
-        raise CliError("--force needs --reason \"why\" (it is recorded)", 2)
+        raise CliError('--force needs --reason "why" (it is recorded)', 2)
     candidate = registry.resolve(ref)
     previous = registry.alias_version(CHAMPION)
     if previous == str(candidate.version):
@@ -20,18 +20,28 @@ def promote(registry: Registry, ref: str, policy: GatePolicy, force: bool, reaso
     champion = registry.resolve(CHAMPION) if previous is not None else None
     decision = check(candidate, champion, policy)
     if not decision.passed and not force:
-        raise GateRefusedError(f"gate refused version {candidate.version}: {decision.summary()}; "
-                          f"{CHAMPION} stays at {previous or 'none'}")
+        raise GateRefusedError(
+            f"gate refused version {candidate.version}: {decision.summary()}; {CHAMPION} stays at {previous or 'none'}"
+        )
     name, version = registry.model_name, str(candidate.version)
     registry.client.set_registered_model_alias(name, CHAMPION, version)
     if registry.alias_version(CHALLENGER) == version:
         registry.client.delete_registered_model_alias(name, CHALLENGER)
-    append_event(registry, "promote", version, previous, reason or decision.summary(),
-                 forced=bool(force and not decision.passed), gate=decision.numbers)
+    append_event(
+        registry,
+        "promote",
+        version,
+        previous,
+        reason or decision.summary(),
+        forced=bool(force and not decision.passed),
+        gate=decision.numbers,
+    )
     registry.client.set_model_version_tag(name, version, "kronos.promoted", "true")
     verdict = "FORCED past the gate" if force and not decision.passed else "gate passed"
-    print(f"promoted {name} version {version} to {CHAMPION} ({verdict}: {decision.summary()}); "
-          f"previous {CHAMPION}: {previous or 'none'}")
+    print(
+        f"promoted {name} version {version} to {CHAMPION} ({verdict}: {decision.summary()}); "
+        f"previous {CHAMPION}: {previous or 'none'}"
+    )
     return version
 
 
@@ -46,8 +56,9 @@ def rollback(registry: Registry, to_version: str | None, reason: str | None) -> 
             lineage.append(current)  # champion was moved outside this tool
         if len(lineage) < 2:
             registry.require_model()
-            raise NotFoundError(f"no earlier champion of {registry.model_name!r} to roll back to "
-                           f"(current: {current or 'none'})")
+            raise NotFoundError(
+                f"no earlier champion of {registry.model_name!r} to roll back to (current: {current or 'none'})"
+            )
         target = lineage[-2]
         registry.resolve(target)
     if target == current:

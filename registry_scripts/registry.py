@@ -78,11 +78,14 @@ def check_reachable(uri: str) -> None:
     parsed = urlparse(uri)
     if database in DB_PORTS and parsed.hostname:  # MLflow itself retries for ~100 s
         try:
-            socket.create_connection((parsed.hostname, parsed.port or DB_PORTS[database]),
-                                     timeout=HEALTH_TIMEOUT_S).close()
+            socket.create_connection(
+                (parsed.hostname, parsed.port or DB_PORTS[database]), timeout=HEALTH_TIMEOUT_S
+            ).close()
         except OSError as exc:
-            raise UnreachableError(f"registry database unreachable at {parsed.hostname}:"
-                                   f"{parsed.port or DB_PORTS[database]} ({type(exc).__name__})") from None
+            raise UnreachableError(
+                f"registry database unreachable at {parsed.hostname}:"
+                f"{parsed.port or DB_PORTS[database]} ({type(exc).__name__})"
+            ) from None
         return
     db = sqlite_path(uri)
     if db is not None and not db.parent.is_dir():

@@ -21,8 +21,9 @@ STATE = ROOT / ".state"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-bootstrap", action="store_true",
-                        help="do not register a champion when the registry has none")
+    parser.add_argument(
+        "--no-bootstrap", action="store_true", help="do not register a champion when the registry has none"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     default_db = STATE / "mlflow" / "mlflow.db"
@@ -35,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = STATE / "mlserver-metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLSERVER_METRICS_DIR", str(metrics_dir))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     mlserver = Path(sys.executable).with_name("mlserver")
     os.execve(str(mlserver), [str(mlserver), "start", str(SERVING)], env)
 

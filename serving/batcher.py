@@ -48,8 +48,10 @@ class OverloadedError(Exception):
 
     def __init__(self, queued_bytes: int, budget_bytes: int, retry_after_s: int) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(f"server overloaded: {queued_bytes / MIB:.0f} MiB of the queue's "
-                         f"{budget_bytes / MIB:.0f} MiB budget taken; retry after {retry_after_s} s")
+        super().__init__(
+            f"server overloaded: {queued_bytes / MIB:.0f} MiB of the queue's "
+            f"{budget_bytes / MIB:.0f} MiB budget taken; retry after {retry_after_s} s"
+        )
 
 
 class DeadlineExceededError(Exception):
@@ -95,6 +97,9 @@ class NullObserver:
         pass
 
     def progressed(self, timestamp: float) -> None:
+        pass
+
+    def abandoned(self, series: int, reason: str) -> None:
         pass
 
 
@@ -207,9 +212,14 @@ class SeriesBatcher:
         if self._queued_bytes >= budget:
             raise OverloadedError(self._queued_bytes, budget, self.config.retry_after_s)
 
-    async def submit(self, forecaster: KronosForecaster, request: PreparedRequest,
-                     deadline_s: float, timings: dict[str, float] | None = None,
-                     cost: GenerationCost | None = None) -> Forecast:
+    async def submit(
+        self,
+        forecaster: KronosForecaster,
+        request: PreparedRequest,
+        deadline_s: float,
+        timings: dict[str, float] | None = None,
+        cost: GenerationCost | None = None,
+    ) -> Forecast:
         """Queue a validated request of `cost` (default: priced here) and wait for its forecast.
 
         Raises OverloadedError at once when the queue's budget has no room for its cost, and
@@ -287,8 +297,9 @@ class SeriesBatcher:
             if self._running_series == 0:
                 await self._collect()
                 room = self.config.max_batch_series
-            jobs = self._take_batch(room, self.config.running_budget_bytes - self._running_bytes,
-                                    alone_ok=self._running_series == 0)
+            jobs = self._take_batch(
+                room, self.config.running_budget_bytes - self._running_bytes, alone_ok=self._running_series == 0
+            )
             if not jobs:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -297,8 +308,10 @@ class SeriesBatcher:
             for job in jobs:
                 job.started = now
                 self.observer.waited(now - job.enqueued)
-            self._set_running(self._running_series + sum(job.n_series for job in jobs),
-                              self._running_bytes + sum(job.n_bytes for job in jobs))
+            self._set_running(
+                self._running_series + sum(job.n_series for job in jobs),
+                self._running_bytes + sum(job.n_bytes for job in jobs),
+            )
             self._hand_over(jobs)
 
     async def _collect(self) -> None:
@@ -319,10 +332,11 @@ class SeriesBatcher:
         if not self._queue:
             return []
         head = self._queue[0]
-        jobs, series, cost, kept = [], 0, 0, deque()
+        jobs: list[_Job] = []
+        kept: deque[_Job] = deque()
+        series = cost = 0
         for job in self._queue:
-            fits = ((series + job.n_series <= room and cost + job.n_bytes <= room_bytes)
-                    or (alone_ok and not jobs))
+            fits = (series + job.n_series <= room and cost + job.n_bytes <= room_bytes) or (alone_ok and not jobs)
             if job.forecaster is head.forecaster and fits:
                 jobs.append(job)
                 series += job.n_series
@@ -349,8 +363,9 @@ class SeriesBatcher:
         if not future.cancelled() and future.exception() is not None:
             logger.error("batch worker crashed", exc_info=future.exception())
 
-    def _complete(self, jobs: list[_Job], results: Sequence[Forecast | BaseException],
-                  seconds: float | None, candles: int = 0) -> None:
+    def _complete(
+        self, jobs: list[_Job], results: Sequence[Forecast | BaseException], seconds: float | None, candles: int = 0
+    ) -> None:
         """Event loop: answer a finished cohort's requests and free its series (`seconds`
         None: jobs that never ran, not reported as a cohort)."""
         finished = time.monotonic()
@@ -361,8 +376,10 @@ class SeriesBatcher:
                     self.observer.abandoned(job.n_series, job.reason or DEADLINE)
                 outcome = DeadlineExceededError(job.deadline_s)
             self._settle(job, outcome)
-        self._set_running(self._running_series - sum(job.n_series for job in jobs),
-                          self._running_bytes - sum(job.n_bytes for job in jobs))
+        self._set_running(
+            self._running_series - sum(job.n_series for job in jobs),
+            self._running_bytes - sum(job.n_bytes for job in jobs),
+        )
         if seconds is not None:
             self.cohorts_answered += 1
             self.observer.cohort_done(sum(job.n_series for job in jobs), len(jobs), seconds, candles)
@@ -416,18 +433,22 @@ class SeriesBatcher:
         def stop(j: int) -> bool:
             return jobs[j].cancelled or time.monotonic() >= jobs[j].deadline
 
-        return Cohort(jobs[0].forecaster, [job.request for job in jobs], stop, self._progressed, jobs,
-                      sum(job.n_bytes for job in jobs))
+        return Cohort(
+            jobs[0].forecaster,
+            [job.request for job in jobs],
+            stop,
+            self._progressed,
+            jobs,
+            sum(job.n_bytes for job in jobs),
+        )
 
     def _progressed(self) -> None:
         self.last_progress = time.time()
         self.observer.progressed(self.last_progress)
 
-    def _answer(self, loop: asyncio.AbstractEventLoop, cohort: Cohort,
-                results: list[Forecast | BaseException]) -> None:
+    def _answer(self, loop: asyncio.AbstractEventLoop, cohort: Cohort, results: list[Forecast | BaseException]) -> None:
         seconds = time.perf_counter() - cohort.started
         loop.call_soon_threadsafe(self._complete, cohort.jobs, results, seconds, cohort.candles)
-
 
     @staticmethod
     def _cohorts_of(handed: list[list[_Job]]) -> list[list[_Job]]:
@@ -441,5 +462,4 @@ class SeriesBatcher:
             for job in jobs:
                 one_path = job.request.params.sample_count == 1
                 merged.setdefault((id(job.forecaster), one_path), []).append(job)
-        return [cohort for jobs in merged.values()
-                for cohort in cohorts_within_cost(jobs)]
+        return [cohort for jobs in merged.values() for cohort in cohorts_within_cost(jobs)]

@@ -52,31 +52,35 @@ def series(history: int, seed: int) -> pd.DataFrame:
     return random_walk_candles(history, seed, start="2024-01-02", series_id="S", amount=False)
 
 
-def budget_env(forecaster: KronosForecaster, clients: int, history: int, pred_len: int
-               ) -> dict[str, str]:
+def budget_env(forecaster: KronosForecaster, clients: int, history: int, pred_len: int) -> dict[str, str]:
     """Budgets that hold every client's request at once, queued or running: neither a 503
     nor the running budget shapes the comparison, only `max_batch_size` does."""
     cost = request_cost(forecaster, [history], pred_len, 1)
     request_mb = math.ceil(cost.memory_bytes / MIB)
     everyone_mb = clients * request_mb
-    return {"KRONOS_MAX_REQUEST_MEMORY_MB": str(request_mb),
-            "KRONOS_QUEUE_BUDGET_MB": str(everyone_mb),
-            "KRONOS_RUNNING_BUDGET_MB": str(everyone_mb)}
+    return {
+        "KRONOS_MAX_REQUEST_MEMORY_MB": str(request_mb),
+        "KRONOS_QUEUE_BUDGET_MB": str(everyone_mb),
+        "KRONOS_RUNNING_BUDGET_MB": str(everyone_mb),
+    }
 
 
-def start_server(workdir: Path, tracking_uri: str, batch_series: int, threads: int,
-                 budgets: dict[str, str]) -> LocalServer:
+def start_server(
+    workdir: Path, tracking_uri: str, batch_series: int, threads: int, budgets: dict[str, str]
+) -> LocalServer:
     """MLServer with serving/ settings on free ports, `max_batch_size` = `batch_series`."""
-    return LocalServer.start(workdir, tracking_uri,
-                             env={"KRONOS_TORCH_THREADS": str(threads), **budgets},
-                             model_settings={"max_batch_size": batch_series},
-                             timeout_s=START_TIMEOUT_S)
+    return LocalServer.start(
+        workdir,
+        tracking_uri,
+        env={"KRONOS_TORCH_THREADS": str(threads), **budgets},
+        model_settings={"max_batch_size": batch_series},
+        timeout_s=START_TIMEOUT_S,
+    )
 
 
 def throughput(url: str, clients: int, requests: int, history: int, pred_len: int) -> float:
     """Forecasts per second for `clients` concurrent clients, `requests` each."""
-    bodies = [rest_body(Spec(series(history, seed=i), {"pred_len": pred_len, "top_k": 1}))
-              for i in range(clients)]
+    bodies = [rest_body(Spec(series(history, seed=i), {"pred_len": pred_len, "top_k": 1})) for i in range(clients)]
 
     def client(body: dict) -> None:
         with httpx.Client(timeout=3600) as http:
@@ -114,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             results = {}
             for label, batch in (("batched", 64), ("unbatched", 1)):
                 with start_server(root / label, uri, batch, args.threads, budgets) as server:
-                    results[label] = throughput(server.url, args.clients, args.requests,
-                                                args.history, args.pred_len)
+                    results[label] = throughput(server.url, args.clients, args.requests, args.history, args.pred_len)
                 print(f"{label}: {results[label]:.3f} forecasts/s", flush=True)
             print(f"speed-up: {results['batched'] / results['unbatched']:.2f}x")
         else:
@@ -130,12 +133,15 @@ def main(argv: list[str] | None = None) -> None:
                 direct.append(time.perf_counter() - started)
             budgets = budget_env(shape_forecaster(shape), 1, args.history, args.pred_len)
             rest = []
-            with start_server(root / "overhead", uri, 64, args.threads, budgets) as server, \
-                    httpx.Client(timeout=3600) as http:
+            with (
+                start_server(root / "overhead", uri, 64, args.threads, budgets) as server,
+                httpx.Client(timeout=3600) as http,
+            ):
                 for _ in range(args.repeats):
                     started = time.perf_counter()
-                    http.post(f"{server.url}/v2/models/kronos/infer",
-                              json=rest_body(Spec(frame, params))).raise_for_status()
+                    http.post(
+                        f"{server.url}/v2/models/kronos/infer", json=rest_body(Spec(frame, params))
+                    ).raise_for_status()
                     rest.append(time.perf_counter() - started)
             d, r = statistics.median(direct), statistics.median(rest)
             print(f"direct {d:.3f} s, REST {r:.3f} s, overhead {100 * (r - d) / d:+.1f}%")

@@ -56,14 +56,15 @@ def ensure_champion(tracking_uri: str, artifact_root: Path, name: str = "kronos"
     else:  # a local registry keeps its artifacts beside it; a tracking server picks its own
         local = tracking_uri.startswith("sqlite:")
         experiment_id = client.create_experiment(
-            EXPERIMENT, artifact_location=artifact_root.as_uri() if local else None)
+            EXPERIMENT, artifact_location=artifact_root.as_uri() if local else None
+        )
     with mlflow.start_run(experiment_id=experiment_id, run_name="bootstrap-champion"):
         try:
-            info = log_kronos_model(None, HUB_MODEL, registered_model_name=name,
-                                    tags={"kronos.weights": "hub"})
+            info = log_kronos_model(None, HUB_MODEL, registered_model_name=name, tags={"kronos.weights": "hub"})
         except Exception as exc:  # offline, hub error, no cache
-            print(DEMO_WARNING.format(error=f"{type(exc).__name__}: {exc}"[:200], name=name),
-                  file=sys.stderr, flush=True)
+            print(
+                DEMO_WARNING.format(error=f"{type(exc).__name__}: {exc}"[:200], name=name), file=sys.stderr, flush=True
+            )
             info = _log_demo(name)
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, "champion", version)
@@ -77,6 +78,10 @@ def _log_demo(name: str) -> mlflow.models.model.ModelInfo:
     with tempfile.TemporaryDirectory(prefix="kronos-demo-") as tmp:
         tokenizer = write_random_checkpoint(preset.tokenizer_config, Path(tmp) / "tokenizer", 1)
         model = write_random_checkpoint(preset.model_config, Path(tmp) / "model", 2)
-        return log_kronos_model(tokenizer, model, registered_model_name=name,
-                                max_context=preset.max_context,
-                                tags={"kronos.weights": "random-demo"})
+        return log_kronos_model(
+            tokenizer,
+            model,
+            registered_model_name=name,
+            max_context=preset.max_context,
+            tags={"kronos.weights": "random-demo"},
+        )

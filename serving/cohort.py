@@ -39,8 +39,9 @@ logger = logging.getLogger("kronos.serving.cohort")
 def request_work(requests: Sequence[PreparedRequest], joined_at: int = 0) -> list[SeriesWork]:
     """The series of `requests` as cost-model work; `joined_at` steps of a running
     generation lengthen their horizon there (their suffix columns start at its start)."""
-    return [SeriesWork(int(s.candles.shape[0]), joined_at + s.pred_len, s.sample_count)
-            for r in requests for s in r.inputs]
+    return [
+        SeriesWork(int(s.candles.shape[0]), joined_at + s.pred_len, s.sample_count) for r in requests for s in r.inputs
+    ]
 
 
 class PricedRequest(Protocol):
@@ -125,11 +126,11 @@ class Cohort:
         forecast now and return None)."""
         f = self.forecaster
         if f.mode == "reference":
-            self.outputs, self.stats = generate(f.tokenizer, f.model, self.inputs, f.max_context,
-                                                f.mode, on_step=self.on_step)
+            self.outputs, self.stats = generate(
+                f.tokenizer, f.model, self.inputs, f.max_context, f.mode, on_step=self.on_step
+            )
             return None
-        generation = Generation(f.tokenizer, f.model, self.inputs, f.max_context,
-                                f.mode == "rolling", self.on_step)
+        generation = Generation(f.tokenizer, f.model, self.inputs, f.max_context, f.mode == "rolling", self.on_step)
         generation.start()
         self.generation, self.part = generation, generation.parts[0]
         return generation
@@ -145,29 +146,33 @@ class Cohort:
         assert self.outputs is not None
         if self.stats is not None:
             self.forecaster.last_stats = self.stats
-        return [self._finish(request, [out for out, o in zip(self.outputs, self.owner, strict=True)
-                                       if o == j])
-                for j, request in enumerate(self.requests)]
+        return [
+            self._finish(request, [out for out, o in zip(self.outputs, self.owner, strict=True) if o == j])
+            for j, request in enumerate(self.requests)
+        ]
 
     def rerun_alone(self) -> list[Forecast | BaseException]:
         """After a failed step, start or merge: every request generated on its own, so that
         one request's failure never fails its neighbours."""
-        f, results = self.forecaster, []
+        f = self.forecaster
+        results: list[Forecast | BaseException] = []
         for j, request in enumerate(self.requests):
+
             def drop(step: int, j: int = j, n: int = len(request.series)) -> list[int]:
                 self.progressed()
                 return list(range(n)) if self.stop(j) else []
+
             try:
-                outputs, f.last_stats = generate(f.tokenizer, f.model, request.inputs,
-                                                 f.max_context, f.mode, on_step=drop)
+                outputs, f.last_stats = generate(
+                    f.tokenizer, f.model, request.inputs, f.max_context, f.mode, on_step=drop
+                )
             except Exception as exc:  # noqa: BLE001 - reported to that request only
                 results.append(exc)
                 continue
             results.append(self._finish(request, outputs))
         return results
 
-    def _finish(self, request: PreparedRequest, outputs: Sequence[SeriesOutput | None]
-                ) -> Forecast | BaseException:
+    def _finish(self, request: PreparedRequest, outputs: Sequence[SeriesOutput | None]) -> Forecast | BaseException:
         if any(out is None for out in outputs):
             return AbandonedError()
         try:
@@ -209,10 +214,13 @@ class CohortRunner:
         """Merging `cohort` into `host` needs no more memory than both were charged (the
         merged prefixes and suffixes are padded to the longest; newcomers' columns start at
         the host's first step)."""
-        charged = cohort.charged_bytes + sum(c.charged_bytes for c in self.cohorts
-                                             if c.generation is host and not c.done)
-        host_work = [SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
-                     for s, join in zip(host.series, host.series_join, strict=True)]
+        charged = cohort.charged_bytes + sum(
+            c.charged_bytes for c in self.cohorts if c.generation is host and not c.done
+        )
+        host_work = [
+            SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
+            for s, join in zip(host.series, host.series_join, strict=True)
+        ]
         return padded_bytes(cohort.forecaster, host_work + request_work(cohort.requests, host.step)) <= charged
 
     def step(self) -> list[Cohort]:
@@ -229,7 +237,7 @@ class CohortRunner:
                     generation.finished_parts()
             except Exception:  # noqa: BLE001
                 logger.exception("a shared generation step failed; rerunning its requests alone")
-                failed += self._drop(lambda c, group=group: c.generation in group, group)
+                failed += self._drop(_in_generations(group), group)
         for cohort in self.cohorts:
             cohort.collect()
         self.generations = [g for g in self.generations if not g.done]
@@ -245,9 +253,14 @@ class CohortRunner:
         """Series that take part in the next step."""
         return sum(len(c.owner) for c in self.cohorts if not c.done and c.generation is not None)
 
-    def _drop(self, selects: Callable[[Cohort], bool], generations: list[Generation]
-              ) -> list[Cohort]:
+    def _drop(self, selects: Callable[[Cohort], bool], generations: list[Generation]) -> list[Cohort]:
         dropped = [c for c in self.cohorts if selects(c) and not c.done]
         self.cohorts = [c for c in self.cohorts if c not in dropped]
         self.generations = [g for g in self.generations if g not in generations]
         return dropped
+
+
+def _in_generations(generations: list[Generation]) -> Callable[[Cohort], bool]:
+    """Selects the cohorts whose part lives in one of `generations`."""
+    members = {id(g) for g in generations}
+    return lambda cohort: id(cohort.generation) in members

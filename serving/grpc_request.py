@@ -13,8 +13,7 @@ from typing import Any
 import pandas as pd
 
 
-def infer_request(frame: pd.DataFrame, params: dict[str, bool | int | str],
-                  model_name: str = "kronos") -> Any:
+def infer_request(frame: pd.DataFrame, params: dict[str, bool | int | str], model_name: str = "kronos") -> Any:
     """frame [rows, columns] + params -> `dataplane_pb2.ModelInferRequest`."""
     from mlserver.grpc import dataplane_pb2 as pb
 
@@ -32,8 +31,7 @@ def infer_request(frame: pd.DataFrame, params: dict[str, bool | int | str],
         if column == "timestamp":
             tensor.datatype = "BYTES"
             tensor.parameters["content_type"].string_param = "datetime"
-            tensor.contents.bytes_contents.extend(
-                t.isoformat().encode() for t in pd.DatetimeIndex(frame[column]))
+            tensor.contents.bytes_contents.extend(t.isoformat().encode() for t in pd.DatetimeIndex(frame[column]))
         elif frame[column].dtype == object:
             tensor.datatype = "BYTES"
             tensor.parameters["content_type"].string_param = "str"

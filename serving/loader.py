@@ -62,6 +62,5 @@ def load_model(source: ResolvedUri) -> LoadedModel:
     python_model = pyfunc.unwrap_python_model()
     # duck-typed: MLflow may import the logged copy of model_package (code_paths)
     if not hasattr(python_model, "forecaster") or not hasattr(python_model, "settings"):
-        raise TypeError(f"{source.requested} is not a Kronos pyfunc "
-                        f"(got {type(python_model).__name__})")
+        raise TypeError(f"{source.requested} is not a Kronos pyfunc (got {type(python_model).__name__})")
     return LoadedModel(source, python_model.forecaster, python_model.settings)

@@ -52,6 +52,7 @@ MLSERVER_START_TIMEOUT_S = 300.0
 
 # -- ports and processes ---------------------------------------------------------------------
 
+
 def free_port(host: str = LOCALHOST) -> int:
     """A TCP port on `host` that nobody listens on right now."""
     with socket.socket() as sock:
@@ -111,8 +112,14 @@ def log_tail(log: Path, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
-def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout_s: float,
-               what: str, log: Path | None = None, poll_s: float = 0.5) -> None:
+def wait_ready(
+    process: subprocess.Popen,
+    ready: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    log: Path | None = None,
+    poll_s: float = 0.5,
+) -> None:
     """Poll `ready()` every `poll_s` seconds for at most `timeout_s` seconds.
 
     RuntimeError "{what} exited with {code}" as soon as the process exits, or "{what} not
@@ -121,25 +128,36 @@ def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], timeout_s: 
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n"
-                               f"{log_tail(log) if log else ''}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_tail(log) if log else ''}")
         if ready():
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s:\n"
-                               f"{log_tail(log) if log else ''}")
+            raise RuntimeError(f"{what} not ready after {timeout_s:.0f} s:\n{log_tail(log) if log else ''}")
         time.sleep(poll_s)
 
 
-def start_process(command: Sequence[str], log: Path, ready: Callable[[], bool], *,
-                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                  timeout_s: float = 120.0, what: str | None = None) -> subprocess.Popen:
+def start_process(
+    command: Sequence[str],
+    log: Path,
+    ready: Callable[[], bool],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout_s: float = 120.0,
+    what: str | None = None,
+) -> subprocess.Popen:
     """Start `command` in its own process group, stdout and stderr to `log`, and wait until
     `ready()` (see `wait_ready`); the child is stopped when it never gets ready."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
-        process = subprocess.Popen(list(command), cwd=cwd, env=dict(env) if env is not None else None,
-                                   stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_ready(process, ready, timeout_s, what or Path(command[0]).name, log)
     except BaseException:
@@ -178,21 +196,25 @@ class LocalProcess:
     def __enter__(self: _Process) -> _Process:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()
 
 
 # -- MLServer --------------------------------------------------------------------------------
 
-def render_server_dir(workdir: Path, http_port: int, grpc_port: int, metrics_port: int,
-                      model_settings: Mapping[str, Any] | None = None) -> None:
+
+def render_server_dir(
+    workdir: Path, http_port: int, grpc_port: int, metrics_port: int, model_settings: Mapping[str, Any] | None = None
+) -> None:
     """Write serving/'s settings.json (with these ports, metrics under `workdir/metrics`) and
     the model's model-settings.json (updated with `model_settings`) into `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     settings = json.loads((SERVING / "settings.json").read_text())
-    settings.update(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                    metrics_dir=str(workdir / "metrics"))
+    settings.update(
+        http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, metrics_dir=str(workdir / "metrics")
+    )
     (workdir / "metrics").mkdir(exist_ok=True)
     (workdir / "settings.json").write_text(json.dumps(settings))
     model_dir = workdir / "models" / MODEL_NAME
@@ -206,10 +228,8 @@ def render_server_dir(workdir: Path, http_port: int, grpc_port: int, metrics_por
 def mlserver_env(tracking_uri: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment without `KRONOS_*`, `MLSERVER*` and `PYTHON*` variables,
     plus the registry, the CPU, this checkout on PYTHONPATH and `env` (wins)."""
-    child = {k: v for k, v in os.environ.items()
-             if not k.startswith(("KRONOS_", "MLSERVER", "PYTHON"))}
-    child.update({"MLFLOW_TRACKING_URI": tracking_uri, "KRONOS_DEVICE": "cpu",
-                  "PYTHONPATH": str(ROOT), **(env or {})})
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("KRONOS_", "MLSERVER", "PYTHON"))}
+    child.update({"MLFLOW_TRACKING_URI": tracking_uri, "KRONOS_DEVICE": "cpu", "PYTHONPATH": str(ROOT), **(env or {})})
     return child
 
 
@@ -225,10 +245,14 @@ class LocalServer(LocalProcess):
     metrics_port: int
 
     @classmethod
-    def start(cls: type[_Server], workdir: Path, tracking_uri: str,
-              env: Mapping[str, str] | None = None,
-              model_settings: Mapping[str, Any] | None = None,
-              timeout_s: float = MLSERVER_START_TIMEOUT_S) -> _Server:
+    def start(
+        cls: type[_Server],
+        workdir: Path,
+        tracking_uri: str,
+        env: Mapping[str, str] | None = None,
+        model_settings: Mapping[str, Any] | None = None,
+        timeout_s: float = MLSERVER_START_TIMEOUT_S,
+    ) -> _Server:
         """Render serving/'s settings into `workdir` with three free ports, start MLServer
         there (log: `workdir/mlserver.log`) and wait until the model is ready.
 
@@ -240,9 +264,15 @@ class LocalServer(LocalProcess):
         render_server_dir(workdir, http_port, grpc_port, metrics_port, model_settings)
         ready_url = f"http://{LOCALHOST}:{http_port}/v2/models/{MODEL_NAME}/ready"
         log = workdir / "mlserver.log"
-        process = start_process([venv_script("mlserver"), "start", str(workdir)], log,
-                                lambda: http_ok(ready_url), env=mlserver_env(tracking_uri, env),
-                                cwd=workdir, timeout_s=timeout_s, what="mlserver")
+        process = start_process(
+            [venv_script("mlserver"), "start", str(workdir)],
+            log,
+            lambda: http_ok(ready_url),
+            env=mlserver_env(tracking_uri, env),
+            cwd=workdir,
+            timeout_s=timeout_s,
+            what="mlserver",
+        )
         return cls(process, log, http_port, grpc_port, metrics_port)
 
     @property
@@ -286,6 +316,7 @@ class LocalServer(LocalProcess):
 
 # -- registries of random weights ------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RandomShape:
     """The network shapes and window of a random-weight model."""
@@ -303,14 +334,39 @@ def random_shape(name: str) -> RandomShape:
 
     if name == "tiny":
         return RandomShape(
-            TokenizerConfig(d_in=6, d_model=32, n_heads=2, ff_dim=64, n_enc_layers=3,
-                            n_dec_layers=3, ffn_dropout_p=0.0, attn_dropout_p=0.0,
-                            resid_dropout_p=0.0, s1_bits=8, s2_bits=8, beta=0.05, gamma0=1.0,
-                            gamma=1.1, zeta=0.05, group_size=4),
-            KronosConfig(s1_bits=8, s2_bits=8, n_layers=2, d_model=48, n_heads=3, ff_dim=96,
-                         ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
-                         token_dropout_p=0.0, learn_te=True),
-            512)
+            TokenizerConfig(
+                d_in=6,
+                d_model=32,
+                n_heads=2,
+                ff_dim=64,
+                n_enc_layers=3,
+                n_dec_layers=3,
+                ffn_dropout_p=0.0,
+                attn_dropout_p=0.0,
+                resid_dropout_p=0.0,
+                s1_bits=8,
+                s2_bits=8,
+                beta=0.05,
+                gamma0=1.0,
+                gamma=1.1,
+                zeta=0.05,
+                group_size=4,
+            ),
+            KronosConfig(
+                s1_bits=8,
+                s2_bits=8,
+                n_layers=2,
+                d_model=48,
+                n_heads=3,
+                ff_dim=96,
+                ffn_dropout_p=0.0,
+                attn_dropout_p=0.0,
+                resid_dropout_p=0.0,
+                token_dropout_p=0.0,
+                learn_te=True,
+            ),
+            512,
+        )
     preset = preset_by_name(name)
     if preset is None:
         raise ValueError(f"unknown model shape {name!r} (tiny, mini, small, base)")
@@ -323,8 +379,9 @@ def shape_forecaster(shape: RandomShape, mode: str = "fast") -> KronosForecaster
     from model_package.forecaster import KronosForecaster
     from model_package.kronos import Kronos, KronosTokenizer
 
-    return KronosForecaster(KronosTokenizer(shape.tokenizer), Kronos(shape.model),
-                            shape.max_context, device="cpu", mode=mode)
+    return KronosForecaster(
+        KronosTokenizer(shape.tokenizer), Kronos(shape.model), shape.max_context, device="cpu", mode=mode
+    )
 
 
 def write_random_pair(root: Path, shape: RandomShape, seed: int = 1) -> tuple[Path, Path]:
@@ -332,8 +389,10 @@ def write_random_pair(root: Path, shape: RandomShape, seed: int = 1) -> tuple[Pa
     the Hugging Face layout under `root`."""
     from model_package.kronos import write_random_checkpoint
 
-    return (write_random_checkpoint(shape.tokenizer, root / "tokenizer", seed),
-            write_random_checkpoint(shape.model, root / "model", seed + 1))
+    return (
+        write_random_checkpoint(shape.tokenizer, root / "tokenizer", seed),
+        write_random_checkpoint(shape.model, root / "model", seed + 1),
+    )
 
 
 @contextlib.contextmanager
@@ -365,8 +424,7 @@ class LocalRegistry:
         root.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{root / 'mlflow.db'}"
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment_id = client.create_experiment(experiment,
-                                                 artifact_location=(root / "artifacts").as_uri())
+        experiment_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
         return cls(uri, root, str(experiment_id))
 
     def client(self) -> MlflowClient:
@@ -374,8 +432,14 @@ class LocalRegistry:
 
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
-    def log_version(self, tokenizer_dir: Path | None, model_dir: Path, max_context: int | None,
-                    champion: bool = False, **log_options: Any) -> ModelInfo:
+    def log_version(
+        self,
+        tokenizer_dir: Path | None,
+        model_dir: Path,
+        max_context: int | None,
+        champion: bool = False,
+        **log_options: Any,
+    ) -> ModelInfo:
         """Log a checkpoint pair as a new version of `kronos` (in a run of the registry's
         experiment; `log_options` go to `log_kronos_model`), `champion` when asked."""
         import mlflow
@@ -383,8 +447,9 @@ class LocalRegistry:
         from model_package.log_model import log_kronos_model
 
         with tracking_uri(self.tracking_uri), mlflow.start_run(experiment_id=self.experiment_id):
-            info = log_kronos_model(tokenizer_dir, model_dir, registered_model_name=MODEL_NAME,
-                                    max_context=max_context, **log_options)
+            info = log_kronos_model(
+                tokenizer_dir, model_dir, registered_model_name=MODEL_NAME, max_context=max_context, **log_options
+            )
         if champion:
             self.set_champion(str(info.registered_model_version))
         return info
@@ -393,14 +458,21 @@ class LocalRegistry:
         self.client().set_registered_model_alias(MODEL_NAME, "champion", version)
 
 
-def register_random_model(workdir: Path, shape: str = "small", seed: int = 1,
-                          experiment: str = "kronos-demo") -> tuple[LocalRegistry, Path, Path]:
+def register_random_model(
+    workdir: Path, shape: str = "small", seed: int = 1, experiment: str = "kronos-demo"
+) -> tuple[LocalRegistry, Path, Path]:
     """Random weights of `shape` (see `random_shape`) logged as kronos@champion (tagged
     `kronos.weights=random-demo`) in a fresh sqlite registry under `workdir`; returns the
     registry and the (tokenizer_dir, model_dir) checkpoints."""
     spec = random_shape(shape)
     tokenizer_dir, model_dir = write_random_pair(workdir, spec, seed)
     registry = LocalRegistry.create(workdir, experiment)
-    registry.log_version(tokenizer_dir, model_dir, spec.max_context, champion=True,
-                         example_rows=16, tags={"kronos.weights": "random-demo"})
+    registry.log_version(
+        tokenizer_dir,
+        model_dir,
+        spec.max_context,
+        champion=True,
+        example_rows=16,
+        tags={"kronos.weights": "random-demo"},
+    )
     return registry, tokenizer_dir, model_dir

@@ -61,16 +61,20 @@ MAX_ERROR_CHARS = 300
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The request a task is serving (set where a request enters the process: the REST middleware,
 # the gRPC servicer); every log line written meanwhile carries it.
-current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "kronos_request_id", default=None)
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("kronos_request_id", default=None)
 _CREDENTIAL = re.compile(
     r"(?i)\b(authorization|token|password|passwd|secret|api[_-]?key)\b\s*[=:]\s*"
     r"(?:(?:bearer|basic)\s+)?[^\s,;&]+"
-    r"|\b(bearer)\s+[^\s,;&]+")
+    r"|\b(bearer)\s+[^\s,;&]+"
+)
 # Attributes every LogRecord has; anything else on a record came in through `extra=`
 # (uvicorn's `color_message` repeats the message with terminal colour codes).
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName", "color_message"}
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def _jsonable(value: Any) -> Any:
@@ -115,7 +119,7 @@ class _CurrentStderrHandler(logging.StreamHandler):
     record), so a replaced stderr (test capture, a reopened log) never leaves it writing to
     a closed stream."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> IO[str]:
         return sys.stderr
 
@@ -124,8 +128,9 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass  # StreamHandler.__init__ / setStream assign it; the current stderr always wins
 
 
-def configure_json_logging(level: int | str = "INFO", stream: IO[str] | None = None,
-                           logger_name: str = ROOT_LOGGER) -> logging.Logger:
+def configure_json_logging(
+    level: int | str = "INFO", stream: IO[str] | None = None, logger_name: str = ROOT_LOGGER
+) -> logging.Logger:
     """Send `logger_name` (default `kronos`, parent of the runtime's loggers) to `stream`
     (default: whatever `sys.stderr` is when a record is written) as JSON lines, at `level`;
     return that logger.
@@ -180,8 +185,7 @@ def _safe_error(error: BaseException | str | None) -> str | None:
     """One short line describing an error, credentials-looking `key=value` pairs redacted."""
     if error is None:
         return None
-    text = (f"{type(error).__name__}: {error}" if isinstance(error, BaseException)
-            else str(error))
+    text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
     text = " ".join(text.split())
     text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(2)}=[redacted]", text)
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
@@ -198,11 +202,20 @@ def _seconds(value: float | None) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def log_request(logger: logging.Logger, *, request_id: str | None, model_version: str | None,
-                outcome: str, series: int | None, horizon: int | None,
-                sample_count: int | None, queue_wait_s: float | None,
-                inference_s: float | None, total_s: float | None,
-                error: BaseException | str | None = None) -> None:
+def log_request(
+    logger: logging.Logger,
+    *,
+    request_id: str | None,
+    model_version: str | None,
+    outcome: str,
+    series: int | None,
+    horizon: int | None,
+    sample_count: int | None,
+    queue_wait_s: float | None,
+    inference_s: float | None,
+    total_s: float | None,
+    error: BaseException | str | None = None,
+) -> None:
     """Log one request as one line with exactly these fields (message `request`).
 
     Counts and times may be None when the request failed before they were known (e.g.

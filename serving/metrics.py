@@ -18,8 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from .batcher import CANCELLED, DEADLINE
 
 # Seconds: sub-second GPU forecasts up to CPU forecasts that take many minutes.
-SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180,
-                   300, 600, 1200, 1800)
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600, 1200, 1800)
 SERIES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 BYTES_GAUGE_HELP = "Memory of the requests {} (bytes, their costs)"
@@ -35,8 +34,9 @@ M = TypeVar("M", bound=MetricWrapperBase)
 _SERVED: set[tuple[str, str]] = globals().get("_SERVED", set())
 
 
-def _get_or_create(kind: type[M], name: str, documentation: str,
-                   registry: CollectorRegistry = REGISTRY, **kwargs: object) -> M:
+def _get_or_create(
+    kind: type[M], name: str, documentation: str, registry: CollectorRegistry = REGISTRY, **kwargs: object
+) -> M:
     """The metric registered under `name`, created on first use (reload-safe)."""
     lookup = name[: -len("_total")] if kind is Counter and name.endswith("_total") else name
     existing = registry._names_to_collectors.get(lookup)  # noqa: SLF001 - no public lookup
@@ -51,69 +51,112 @@ class KronosMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         r = registry
         self.requests = _get_or_create(
-            Counter, "kronos_requests_total", "Forecast requests by outcome", r,
-            labelnames=("outcome", "model_version"))
+            Counter, "kronos_requests_total", "Forecast requests by outcome", r, labelnames=("outcome", "model_version")
+        )
         self.request_seconds = _get_or_create(
-            Histogram, "kronos_request_seconds", "End-to-end request time in the runtime (s)",
-            r, buckets=SECONDS_BUCKETS)
+            Histogram,
+            "kronos_request_seconds",
+            "End-to-end request time in the runtime (s)",
+            r,
+            buckets=SECONDS_BUCKETS,
+        )
         self.queue_wait_seconds = _get_or_create(
-            Histogram, "kronos_queue_wait_seconds", "Time a request waited before the worker took it (s)",
-            r, buckets=SECONDS_BUCKETS)
+            Histogram,
+            "kronos_queue_wait_seconds",
+            "Time a request waited before the worker took it (s)",
+            r,
+            buckets=SECONDS_BUCKETS,
+        )
         self.inference_seconds = _get_or_create(
-            Histogram, "kronos_inference_seconds", "Time from a cohort's start to its answer (s)", r,
-            buckets=SECONDS_BUCKETS)
+            Histogram,
+            "kronos_inference_seconds",
+            "Time from a cohort's start to its answer (s)",
+            r,
+            buckets=SECONDS_BUCKETS,
+        )
         self.batch_series = _get_or_create(
-            Histogram, "kronos_batch_series", "Series per cohort (requests admitted together)", r,
-            buckets=SERIES_BUCKETS)
+            Histogram,
+            "kronos_batch_series",
+            "Series per cohort (requests admitted together)",
+            r,
+            buckets=SERIES_BUCKETS,
+        )
         self.step_series = _get_or_create(
-            Histogram, "kronos_step_series",
-            "Series sharing one generation step (all running cohorts together)", r,
-            buckets=SERIES_BUCKETS)
+            Histogram,
+            "kronos_step_series",
+            "Series sharing one generation step (all running cohorts together)",
+            r,
+            buckets=SERIES_BUCKETS,
+        )
         self.batch_requests = _get_or_create(
-            Histogram, "kronos_batch_requests", "Requests per cohort (admitted together)", r,
-            buckets=REQUESTS_BUCKETS)
+            Histogram, "kronos_batch_requests", "Requests per cohort (admitted together)", r, buckets=REQUESTS_BUCKETS
+        )
         self.abandoned_series = _get_or_create(
-            Counter, "kronos_abandoned_series_total",
+            Counter,
+            "kronos_abandoned_series_total",
             "Series dropped from a running generation (reason: deadline, cancelled by the client)",
-            r, labelnames=("reason",))
+            r,
+            labelnames=("reason",),
+        )
         for reason in ABANDON_REASONS:  # exported from the start, at 0
             self.abandoned_series.labels(reason)
         self.generated_candles = _get_or_create(
-            Counter, "kronos_generated_candles_total",
-            "Candles generated (series x sample paths x steps)", r)
+            Counter, "kronos_generated_candles_total", "Candles generated (series x sample paths x steps)", r
+        )
         self.queue_series = _get_or_create(
-            Gauge, "kronos_queue_series", "Series waiting for the generation worker", r,
-            multiprocess_mode="livesum")
+            Gauge, "kronos_queue_series", "Series waiting for the generation worker", r, multiprocess_mode="livesum"
+        )
         self.queue_bytes = _get_or_create(
-            Gauge, "kronos_queue_cost_bytes", BYTES_GAUGE_HELP.format("waiting"), r,
-            multiprocess_mode="livesum")
+            Gauge, "kronos_queue_cost_bytes", BYTES_GAUGE_HELP.format("waiting"), r, multiprocess_mode="livesum"
+        )
         self.queue_budget = _get_or_create(
-            Gauge, "kronos_queue_budget_bytes", "Cost the queue may hold (bytes); beyond: 503", r,
-            multiprocess_mode="livesum")
+            Gauge,
+            "kronos_queue_budget_bytes",
+            "Cost the queue may hold (bytes); beyond: 503",
+            r,
+            multiprocess_mode="livesum",
+        )
         self.running_series = _get_or_create(
-            Gauge, "kronos_running_series", "Series in generation", r, multiprocess_mode="livesum")
+            Gauge, "kronos_running_series", "Series in generation", r, multiprocess_mode="livesum"
+        )
         self.running_bytes = _get_or_create(
-            Gauge, "kronos_running_cost_bytes", BYTES_GAUGE_HELP.format("in generation"), r,
-            multiprocess_mode="livesum")
+            Gauge, "kronos_running_cost_bytes", BYTES_GAUGE_HELP.format("in generation"), r, multiprocess_mode="livesum"
+        )
         self.running_budget = _get_or_create(
-            Gauge, "kronos_running_budget_bytes", "Cost the running generations may have (bytes)", r,
-            multiprocess_mode="livesum")
+            Gauge,
+            "kronos_running_budget_bytes",
+            "Cost the running generations may have (bytes)",
+            r,
+            multiprocess_mode="livesum",
+        )
         self.model_info = _get_or_create(
-            Gauge, "kronos_model_info", "The served model (1 = serving this one)", r,
-            labelnames=("model_uri", "model_version"), multiprocess_mode="livemax")
+            Gauge,
+            "kronos_model_info",
+            "The served model (1 = serving this one)",
+            r,
+            labelnames=("model_uri", "model_version"),
+            multiprocess_mode="livemax",
+        )
         self.model_version = _get_or_create(
-            Gauge, "kronos_model_version", "Registry version number being served", r,
-            multiprocess_mode="livemax")
+            Gauge, "kronos_model_version", "Registry version number being served", r, multiprocess_mode="livemax"
+        )
         self.ready = _get_or_create(
-            Gauge, "kronos_ready", "1 when the model is loaded and warmed up", r,
-            multiprocess_mode="livemax")
+            Gauge, "kronos_ready", "1 when the model is loaded and warmed up", r, multiprocess_mode="livemax"
+        )
         self.last_progress = _get_or_create(
-            Gauge, "kronos_last_progress_timestamp_seconds",
-            "Unix time of the last generation step or answered cohort", r,
-            multiprocess_mode="livemax")
+            Gauge,
+            "kronos_last_progress_timestamp_seconds",
+            "Unix time of the last generation step or answered cohort",
+            r,
+            multiprocess_mode="livemax",
+        )
         self.resident_memory = _get_or_create(
-            Gauge, "kronos_worker_resident_memory_bytes", "Resident memory of the worker (bytes)",
-            r, multiprocess_mode="livemax")
+            Gauge,
+            "kronos_worker_resident_memory_bytes",
+            "Resident memory of the worker (bytes)",
+            r,
+            multiprocess_mode="livemax",
+        )
 
     # -- BatchObserver ---------------------------------------------------------------------
 

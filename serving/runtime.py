@@ -83,10 +83,16 @@ def claim_batching(settings: MLServerModelSettings) -> tuple[int, float]:
         settings.parameters = ModelParameters()
     extra = settings.parameters.extra if settings.parameters.extra is not None else {}
     defaults = BatcherConfig()
-    series = settings.max_batch_size if settings.max_batch_size > 0 else int(
-        extra.get(BATCH_SERIES_KEY, defaults.max_batch_series))
-    seconds = settings.max_batch_time if settings.max_batch_time > 0 else float(
-        extra.get(BATCH_TIME_KEY, defaults.max_batch_time_s))
+    series = (
+        settings.max_batch_size
+        if settings.max_batch_size > 0
+        else int(extra.get(BATCH_SERIES_KEY, defaults.max_batch_series))
+    )
+    seconds = (
+        settings.max_batch_time
+        if settings.max_batch_time > 0
+        else float(extra.get(BATCH_TIME_KEY, defaults.max_batch_time_s))
+    )
     settings.parameters.extra = {**extra, BATCH_SERIES_KEY: series, BATCH_TIME_KEY: seconds}
     settings.max_batch_size, settings.max_batch_time = 0, 0.0
     return series, seconds
@@ -124,9 +130,15 @@ class KronosRuntime(MLModel):
         self.metrics.queue_budget.set(self.config.queue_budget_bytes)
         self.metrics.running_budget.set(self.config.running_budget_bytes)
         self._batcher = SeriesBatcher(
-            BatcherConfig(self.batch_series, self.batch_time_s, self.config.running_budget_bytes,
-                          self.config.queue_budget_bytes, self.config.retry_after_s),
-            self.metrics)
+            BatcherConfig(
+                self.batch_series,
+                self.batch_time_s,
+                self.config.running_budget_bytes,
+                self.config.queue_budget_bytes,
+                self.config.retry_after_s,
+            ),
+            self.metrics,
+        )
         self._batcher.start()
         try:
             loaded = await self._load(self.config.model_uri)
@@ -149,8 +161,7 @@ class KronosRuntime(MLModel):
         logger.info("loading %s as %s", uri, source.load_uri)
         loaded = await asyncio.to_thread(load_model, source)
         if self.config.warmup:
-            request = prepare_request(loaded.forecaster, warmup_history(),
-                                      {"pred_len": 2, "top_k": 1}, loaded.settings)
+            request = prepare_request(loaded.forecaster, warmup_history(), {"pred_len": 2, "top_k": 1}, loaded.settings)
             assert self._batcher is not None
             await self._batcher.submit(loaded.forecaster, request, self.config.default_deadline_s)
         return loaded
@@ -197,16 +208,17 @@ class KronosRuntime(MLModel):
         headers = payload.parameters.headers if payload.parameters is not None else None
         request_id = request_id_from(headers) or uuid.uuid4().hex
         frame, loaded = await self._forecast(
-            lambda: (request_frame(payload), request_params(payload)), loaded, request_id)
+            lambda: (request_frame(payload), request_params(payload)), loaded, request_id
+        )
         outputs = [o.name for o in payload.outputs] if payload.outputs else None
         try:
-            return response(self.name, frame, self._response_parameters(loaded, request_id), payload.id,
-                            outputs)
+            return response(self.name, frame, self._response_parameters(loaded, request_id), payload.id, outputs)
         except KronosInputError as exc:  # outputs the request asked for that it has not
             raise BadForecastInputError(str(exc)) from exc
 
-    async def _forecast(self, decode: Any, loaded: LoadedModel | None,
-                        request_id: str) -> tuple[pd.DataFrame, LoadedModel]:
+    async def _forecast(
+        self, decode: Any, loaded: LoadedModel | None, request_id: str
+    ) -> tuple[pd.DataFrame, LoadedModel]:
         """Run one request through the batcher, counting its outcome; MLServer errors out."""
         if loaded is None or self._batcher is None:
             raise ModelNotReadyError("model is not loaded yet")
@@ -217,16 +229,15 @@ class KronosRuntime(MLModel):
         failure: BaseException | None = None
         try:
             self._batcher.reject_if_full()  # cheap refusal before decoding under overload
-            history, params = decode()
+            history, params = await asyncio.to_thread(decode)  # big bodies: off the event loop
             deadline_s = pop_timeout(params, self.config.default_deadline_s)
             if len(history) > self.config.max_request_rows:
-                raise KronosInputError("inputs", f"must have <= {self.config.max_request_rows} "
-                                                 f"rows (max_request_rows), got {len(history)}")
-            request = await asyncio.to_thread(prepare_request, loaded.forecaster, history,
-                                              params, loaded.settings)
+                raise KronosInputError(
+                    "inputs", f"must have <= {self.config.max_request_rows} rows (max_request_rows), got {len(history)}"
+                )
+            request = await asyncio.to_thread(prepare_request, loaded.forecaster, history, params, loaded.settings)
             cost = prepared_cost(loaded.forecaster, request)  # within budget: prepare checked
-            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s,
-                                                  timings, cost)
+            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s, timings, cost)
             outcome = "ok"
             return forecast.frame, loaded
         except KronosInputError as exc:
@@ -255,22 +266,24 @@ class KronosRuntime(MLModel):
             total_s = time.perf_counter() - started
             self.metrics.outcome(outcome, loaded.version)
             self.metrics.request_seconds.observe(total_s)
-            log_request(request_logger, request_id=request_id, model_version=loaded.version,
-                        outcome=outcome,
-                        series=len(request.series) if request is not None else None,
-                        horizon=request.params.pred_len if request is not None else None,
-                        sample_count=request.params.sample_count if request is not None
-                        else None,
-                        queue_wait_s=timings.get("queue_wait_s"),
-                        inference_s=timings.get("inference_s"), total_s=total_s,
-                        error=failure)
+            log_request(
+                request_logger,
+                request_id=request_id,
+                model_version=loaded.version,
+                outcome=outcome,
+                series=len(request.series) if request is not None else None,
+                horizon=request.params.pred_len if request is not None else None,
+                sample_count=request.params.sample_count if request is not None else None,
+                queue_wait_s=timings.get("queue_wait_s"),
+                inference_s=timings.get("inference_s"),
+                total_s=total_s,
+                error=failure,
+            )
 
-    def _response_parameters(self, loaded: LoadedModel, request_id: str | None = None
-                             ) -> dict[str, Any]:
+    def _response_parameters(self, loaded: LoadedModel, request_id: str | None = None) -> dict[str, Any]:
         """The served model, and the request id echoed as a header (REST) or trailing
         metadata (gRPC)."""
-        parameters: dict[str, Any] = {"model_uri": loaded.source.requested,
-                                      "model_version": loaded.version}
+        parameters: dict[str, Any] = {"model_uri": loaded.source.requested, "model_version": loaded.version}
         if request_id is not None:
             parameters["headers"] = {REQUEST_ID_HEADER: request_id}
         return parameters
@@ -282,38 +295,47 @@ class KronosRuntime(MLModel):
         if loaded is not None:
             meta.versions = [loaded.version]
             meta.parameters = Parameters(
-                content_type="pd", **self._response_parameters(loaded),
-                max_batch_size=self.batch_series, max_batch_time=self.batch_time_s,
-                max_context=loaded.forecaster.max_context)
+                content_type="pd",
+                **self._response_parameters(loaded),
+                max_batch_size=self.batch_series,
+                max_batch_time=self.batch_time_s,
+                max_context=loaded.forecaster.max_context,
+            )
         meta.platform = "kronos-mlflow-pyfunc"
         return meta
 
     # -- extra REST routes -----------------------------------------------------------------
 
     @custom_handler(rest_path="/invocations", rest_method="POST")
-    async def invocations(self, raw_body: bytes = Depends(_raw_body),
-                          request_id: str | None = Depends(_request_id)) -> Response:
+    async def invocations(
+        self, raw_body: bytes = Depends(_raw_body), request_id: str | None = Depends(_request_id)
+    ) -> Response:
         """The MLflow scoring protocol: `{"dataframe_split"|"dataframe_records": ...,
         "params": {...}}` -> `{"predictions": [...]}`; same batching and errors as V2."""
         request_id = request_id_from({REQUEST_ID_HEADER: request_id}) or uuid.uuid4().hex
-        frame, loaded = await self._forecast(lambda: parse_scoring_request(raw_body), self._loaded,
-                                             request_id)
-        records = json.loads(frame.assign(timestamp=frame["timestamp"].map(
-            lambda t: t.isoformat())).to_json(orient="records", double_precision=15))
+        frame, loaded = await self._forecast(lambda: parse_scoring_request(raw_body), self._loaded, request_id)
+        records = json.loads(
+            frame.assign(timestamp=frame["timestamp"].map(lambda t: t.isoformat())).to_json(
+                orient="records", double_precision=15
+            )
+        )
         body = {"predictions": records, **self._response_parameters(loaded)}
-        return Response(content=json.dumps(body), media_type="application/json",
-                        headers={REQUEST_ID_HEADER: request_id})
+        return Response(
+            content=json.dumps(body), media_type="application/json", headers={REQUEST_ID_HEADER: request_id}
+        )
 
     @custom_handler(rest_path="/kronos/health/live", rest_method="GET")
     async def live(self) -> dict[str, Any]:
         """Liveness from inference progress: 503 when the worker made no step for stall_s."""
         stalled = self._batcher.stalled_for() if self._batcher is not None else 0.0
         batcher = self._batcher
-        state = {"live": stalled < self.config.stall_s, "stalled_s": round(stalled, 3),
-                 "running": batcher is not None and batcher.worker_started is not None,
-                 "queued_series": batcher.queued_series if batcher is not None else 0,
-                 "model_version": self._loaded.version if self._loaded else None}
+        state = {
+            "live": stalled < self.config.stall_s,
+            "stalled_s": round(stalled, 3),
+            "running": batcher is not None and batcher.worker_started is not None,
+            "queued_series": batcher.queued_series if batcher is not None else 0,
+            "model_version": self._loaded.version if self._loaded else None,
+        }
         if not state["live"]:
             raise ModelNotReadyError(f"no generation progress for {stalled:.0f} s")
         return state
-

@@ -60,8 +60,9 @@ def check_tensor(tensor: RequestInput) -> int:
         raise KronosInputError(f"inputs.{name}.shape", f"must be [rows] or [rows, 1], got {shape}")
     datatype = str(getattr(tensor.datatype, "value", tensor.datatype))
     if name in TEXT_INPUTS and datatype != "BYTES":
-        raise KronosInputError(f"inputs.{name}.datatype",
-                               f"must be BYTES (text; timestamps as ISO-8601), got {datatype}")
+        raise KronosInputError(
+            f"inputs.{name}.datatype", f"must be BYTES (text; timestamps as ISO-8601), got {datatype}"
+        )
     if name not in TEXT_INPUTS and datatype not in _FLOAT_TYPES | _INT_TYPES:
         raise KronosInputError(f"inputs.{name}.datatype", f"must be a number type (FP64, FP32...), got {datatype}")
     count = 0
@@ -69,8 +70,9 @@ def check_tensor(tensor: RequestInput) -> int:
         _check_element(name, datatype, index, element)
         count += 1
     if count != math.prod(shape):
-        raise KronosInputError(f"inputs.{name}.shape",
-                               f"{shape} holds {math.prod(shape)} elements but data has {count}")
+        raise KronosInputError(
+            f"inputs.{name}.shape", f"{shape} holds {math.prod(shape)} elements but data has {count}"
+        )
     return count
 
 
@@ -125,16 +127,22 @@ def pop_timeout(params: dict[str, Any], default_s: float) -> float:
     return min(seconds, default_s)
 
 
-def response(model_name: str, frame: pd.DataFrame, parameters: dict[str, Any],
-             request_id: str | None = None, outputs: list[str] | None = None) -> InferenceResponse:
+def response(
+    model_name: str,
+    frame: pd.DataFrame,
+    parameters: dict[str, Any],
+    request_id: str | None = None,
+    outputs: list[str] | None = None,
+) -> InferenceResponse:
     """A V2 response: one output per forecast column (only `outputs` when the request named
     some); timestamps as ISO-8601 text."""
     frame = frame.copy()
     if outputs:
         unknown = [name for name in outputs if name not in frame.columns]
         if unknown:
-            raise KronosInputError("outputs", f"unknown output(s) {unknown[:8]} (available: "
-                                              f"{', '.join(map(str, frame.columns))})")
+            raise KronosInputError(
+                "outputs", f"unknown output(s) {unknown[:8]} (available: {', '.join(map(str, frame.columns))})"
+            )
         frame = frame[list(dict.fromkeys(outputs))]
     if TIMESTAMP in frame.columns:
         frame[TIMESTAMP] = [t.isoformat() for t in pd.DatetimeIndex(frame[TIMESTAMP])]

@@ -32,13 +32,35 @@ settings.load_profile("kronos")
 TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
 
 TINY_TOKENIZER = TokenizerConfig(
-    d_in=6, d_model=32, n_heads=2, ff_dim=64, n_enc_layers=3, n_dec_layers=3,
-    ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=8, s2_bits=8,
-    beta=0.05, gamma0=1.0, gamma=1.1, zeta=0.05, group_size=4,
+    d_in=6,
+    d_model=32,
+    n_heads=2,
+    ff_dim=64,
+    n_enc_layers=3,
+    n_dec_layers=3,
+    ffn_dropout_p=0.0,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.0,
+    s1_bits=8,
+    s2_bits=8,
+    beta=0.05,
+    gamma0=1.0,
+    gamma=1.1,
+    zeta=0.05,
+    group_size=4,
 )
 TINY_MODEL = KronosConfig(
-    s1_bits=8, s2_bits=8, n_layers=2, d_model=48, n_heads=3, ff_dim=96, ffn_dropout_p=0.1,
-    attn_dropout_p=0.0, resid_dropout_p=0.1, token_dropout_p=0.0, learn_te=True,
+    s1_bits=8,
+    s2_bits=8,
+    n_layers=2,
+    d_model=48,
+    n_heads=3,
+    ff_dim=96,
+    ffn_dropout_p=0.1,
+    attn_dropout_p=0.0,
+    resid_dropout_p=0.1,
+    token_dropout_p=0.0,
+    learn_te=True,
 )
 
 
@@ -66,8 +88,10 @@ def device() -> str:
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(tokenizer_dir, model_dir): a tiny random-weight pair in the Hugging Face layout."""
     root = tmp_path_factory.mktemp("tiny-kronos")
-    return (write_random_checkpoint(TINY_TOKENIZER, root / "tokenizer", seed=1),
-            write_random_checkpoint(TINY_MODEL, root / "model", seed=2))
+    return (
+        write_random_checkpoint(TINY_TOKENIZER, root / "tokenizer", seed=1),
+        write_random_checkpoint(TINY_MODEL, root / "model", seed=2),
+    )
 
 
 @pytest.fixture

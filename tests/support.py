@@ -50,18 +50,59 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(cluster.data, "postgres", "postgres")
         quiet = {"capture_output": True, "text": True, "timeout": 180, "check": True}
-        subprocess.run(_as_postgres(str(PG_BIN / "initdb"), "-D", str(cluster.data), "-U", "postgres",
-                                    "--auth=trust", "-E", "UTF8", "--locale=C"), **quiet)
+        subprocess.run(
+            _as_postgres(
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(cluster.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ),
+            **quiet,
+        )
         options = f"-p {cluster.port} -k {cluster.data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(cluster.data), "-o", options,
-                                    "-l", str(cluster.data / "server.log"), "-w", "-t", "120", "start"), **quiet)
-        subprocess.run(_as_postgres(str(PG_BIN / "psql"), "-h", "127.0.0.1", "-p", str(cluster.port),
-                                    "-U", "postgres", "-c", "CREATE DATABASE mlflow"), **quiet)
+        subprocess.run(
+            _as_postgres(
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(cluster.data),
+                "-o",
+                options,
+                "-l",
+                str(cluster.data / "server.log"),
+                "-w",
+                "-t",
+                "120",
+                "start",
+            ),
+            **quiet,
+        )
+        subprocess.run(
+            _as_postgres(
+                str(PG_BIN / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(cluster.port),
+                "-U",
+                "postgres",
+                "-c",
+                "CREATE DATABASE mlflow",
+            ),
+            **quiet,
+        )
         return cluster
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                                    "stop"), capture_output=True, timeout=120)
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -72,26 +113,49 @@ class HttpProcess(LocalProcess):
     url: str
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path,
-                        timeout_s: float = 240) -> HttpProcess:
+def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout_s: float = 240) -> HttpProcess:
     """`mlflow server` on a free 127.0.0.1 port with a backend store and proxied artifacts,
     healthy (`/health`) within `timeout_s`."""
     port = free_port()
-    command = [venv_script("mlflow"), "server", "--backend-store-uri", backend_uri,
-               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+    command = [
+        venv_script("mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     url = f"http://127.0.0.1:{port}"
-    process = start_process(command, log, lambda: http_ok(f"{url}/health", timeout_s=2),
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                            timeout_s=timeout_s, what="mlflow server")
+    process = start_process(
+        command,
+        log,
+        lambda: http_ok(f"{url}/health", timeout_s=2),
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        timeout_s=timeout_s,
+        what="mlflow server",
+    )
     return HttpProcess(process, log, url)
 
 
-def start_models_serve(command: str, port: int, log: Path, cwd: Path, env: Mapping[str, str],
-                       timeout_s: float = 120) -> HttpProcess:
+def start_models_serve(
+    command: str, port: int, log: Path, cwd: Path, env: Mapping[str, str], timeout_s: float = 120
+) -> HttpProcess:
     """`mlflow models serve ... -p PORT` given as one shell command line (run by `bash -c`,
     as a user pastes it), ready when the scoring server's `/ping` answers 200."""
     url = f"http://127.0.0.1:{port}"
-    process = start_process(["bash", "-c", command], log, lambda: http_ok(f"{url}/ping"),
-                            env=env, cwd=cwd, timeout_s=timeout_s, what="mlflow models serve")
+    process = start_process(
+        ["bash", "-c", command],
+        log,
+        lambda: http_ok(f"{url}/ping"),
+        env=env,
+        cwd=cwd,
+        timeout_s=timeout_s,
+        what="mlflow models serve",
+    )
     return HttpProcess(process, log, url)

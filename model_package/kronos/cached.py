@@ -67,17 +67,16 @@ def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts))
 
 
-def _sample_together(packed: PackedKronos, model: Kronos, parts: list[tuple[Generation, _Group]]
-                     ) -> None:
+def _sample_together(packed: PackedKronos, model: Kronos, parts: list[tuple[Generation, _Group]]) -> None:
     """Sample s1 then s2 for the rows of every (generation, group) in `parts` at once; each
     row keeps its own settings and draws, and the s2 head attends to its own group's keys."""
     if not parts:
         return
-    h, temperature, top_k, top_p, draws = (_cat(x) for x in zip(*[run.sampling_inputs(g) for run, g in parts],
-                                                                 strict=True))
+    h, temperature, top_k, top_p, draws = (
+        _cat(x) for x in zip(*[run.sampling_inputs(g) for run, g in parts], strict=True)
+    )
     flag_sets = [run.rows.filter_flags(g.rows) for run, g in parts]
-    flags = {"max_top_k": max(f["max_top_k"] for f in flag_sets),
-             "any_top_p": any(f["any_top_p"] for f in flag_sets)}
+    flags = {"max_top_k": max(f["max_top_k"] for f in flag_sets), "any_top_p": any(f["any_top_p"] for f in flag_sets)}
     settings = (temperature, top_k, top_p)
     sizes = [len(g.rows) for _, g in parts]
 
@@ -171,8 +170,7 @@ def _join_groups(a: _Group | None, b: _Group | None, steps_left: int) -> _Group 
     def visible(group: _Group) -> torch.Tensor:  # [B, width] bool
         mask = group.layout.prefix_mask
         if mask is None:
-            mask = torch.ones(group.layout.n_series, group.kv[0].prefix_k.shape[2], dtype=torch.bool,
-                              device=device)
+            mask = torch.ones(group.layout.n_series, group.kv[0].prefix_k.shape[2], dtype=torch.bool, device=device)
         return F.pad(mask, (width - mask.shape[1], 0), value=False)
 
     def left_pad(t: torch.Tensor) -> torch.Tensor:  # [B, H, Lp, hd] -> [B, H, width, hd]
@@ -180,26 +178,41 @@ def _join_groups(a: _Group | None, b: _Group | None, steps_left: int) -> _Group 
 
     kv = []
     for kv_a, kv_b in zip(a.kv, b.kv, strict=True):
-        joined = SharedPrefixKV(torch.cat((left_pad(kv_a.prefix_k), left_pad(kv_b.prefix_k))),
-                                torch.cat((left_pad(kv_a.prefix_v), left_pad(kv_b.prefix_v))),
-                                len(a.rows) + len(b.rows), filled + steps_left)
+        joined = SharedPrefixKV(
+            torch.cat((left_pad(kv_a.prefix_k), left_pad(kv_b.prefix_k))),
+            torch.cat((left_pad(kv_a.prefix_v), left_pad(kv_b.prefix_v))),
+            len(a.rows) + len(b.rows),
+            filled + steps_left,
+        )
         joined.suffix_k[: len(a.rows), :, :filled] = kv_a.suffix_k[:, :, :filled]
         joined.suffix_v[: len(a.rows), :, :filled] = kv_a.suffix_v[:, :, :filled]
         joined.length = filled
         kv.append(joined)
     mask = torch.cat((visible(a), visible(b)))
-    suffix_from = torch.cat((
-        a.layout.suffix_from if a.layout.suffix_from is not None
-        else torch.zeros(len(a.rows), dtype=torch.long, device=device),
-        torch.full((len(b.rows),), filled, dtype=torch.long, device=device)))
-    layout = RowLayout(torch.cat((a.layout.slot, b.layout.slot + a.layout.n_series)),
-                       a.layout.n_series + b.layout.n_series, 1, device,
-                       prefix_mask=None if bool(mask.all()) else mask,
-                       suffix_from=suffix_from if bool(suffix_from.any()) else None)
-    window_start = (torch.cat((a.window_start, b.window_start))
-                    if a.window_start is not None and b.window_start is not None else None)
-    return _Group(torch.cat((a.rows, b.rows)), a.series + b.series, layout, kv,
-                  torch.cat((a.h_last, b.h_last)), window_start)
+    suffix_from = torch.cat(
+        (
+            a.layout.suffix_from
+            if a.layout.suffix_from is not None
+            else torch.zeros(len(a.rows), dtype=torch.long, device=device),
+            torch.full((len(b.rows),), filled, dtype=torch.long, device=device),
+        )
+    )
+    layout = RowLayout(
+        torch.cat((a.layout.slot, b.layout.slot + a.layout.n_series)),
+        a.layout.n_series + b.layout.n_series,
+        1,
+        device,
+        prefix_mask=None if bool(mask.all()) else mask,
+        suffix_from=suffix_from if bool(suffix_from.any()) else None,
+    )
+    window_start = (
+        torch.cat((a.window_start, b.window_start))
+        if a.window_start is not None and b.window_start is not None
+        else None
+    )
+    return _Group(
+        torch.cat((a.rows, b.rows)), a.series + b.series, layout, kv, torch.cat((a.h_last, b.h_last)), window_start
+    )
 
 
 @dataclass(eq=False)
@@ -236,9 +249,15 @@ class Generation:
     last min(L, W) history tokens right before column Lmax + j, where its first token goes.
     """
 
-    def __init__(self, tokenizer: KronosTokenizer, model: Kronos,
-                 series: Sequence[SeriesInput], max_context: int, rolling: bool,
-                 on_step: StepHook | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: KronosTokenizer,
+        model: Kronos,
+        series: Sequence[SeriesInput],
+        max_context: int,
+        rolling: bool,
+        on_step: StepHook | None = None,
+    ) -> None:
         validate_series(series, tokenizer.config.d_in)
         self.tokenizer, self.model, self.series = tokenizer, model, list(series)
         self.W, self.rolling = max_context, rolling
@@ -264,7 +283,7 @@ class Generation:
         self.tok2 = torch.zeros_like(self.tok1)
         self.stamps = torch.zeros(B, C, 5, device=self.device)  # [B, C, 5]
         for b, s in enumerate(series):
-            self.stamps[b, self.Lmax - self.lengths[b]: self.Lmax + s.pred_len] = s.stamps
+            self.stamps[b, self.Lmax - self.lengths[b] : self.Lmax + s.pred_len] = s.stamps
         self.input_tokens: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- admitting a newly started generation ----------------------------------------------
@@ -274,9 +293,16 @@ class Generation:
         same model and window, exact mode, one sample path per series on both sides, and
         this generation still in its first JOIN_WINDOW_STEPS steps."""
         single = all(s.sample_count == 1 for s in [*self.series, *other.series])
-        return (other.model is self.model and other.W == self.W and not self.rolling
-                and not other.rolling and single and not self.done and other.step == 0
-                and self.step <= JOIN_WINDOW_STEPS)
+        return (
+            other.model is self.model
+            and other.W == self.W
+            and not self.rolling
+            and not other.rolling
+            and single
+            and not self.done
+            and other.step == 0
+            and self.step <= JOIN_WINDOW_STEPS
+        )
 
     @torch.inference_mode()
     def admit(self, other: Generation) -> Part:
@@ -306,7 +332,7 @@ class Generation:
         self.tok2 = torch.cat((self.tok2, placed(other.tok2)))
         self.stamps = torch.cat((self.stamps, placed(other.stamps)))
         draws = other.draws.new_zeros(other.draws.shape[0], horizon, 2)
-        draws[:, k0: k0 + other.Pmax] = other.draws
+        draws[:, k0 : k0 + other.Pmax] = other.draws
         self.draws = torch.cat((self.draws, draws))
         self.rows = self.rows.joined(other.rows, B1, k0)
         self.row_series = self.rows.series.to(self.device)
@@ -348,8 +374,7 @@ class Generation:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _layout(self, rows: torch.Tensor, series: list[int], **masks: torch.Tensor | None
-                ) -> RowLayout:
+    def _layout(self, rows: torch.Tensor, series: list[int], **masks: torch.Tensor | None) -> RowLayout:
         """Slots of `rows` in a group whose prefixes belong to `series` (in that order)."""
         slot_of_series = torch.full((len(self.series),), -1, dtype=torch.long)
         slot_of_series[torch.tensor(series)] = torch.arange(len(series))
@@ -360,19 +385,25 @@ class Generation:
     def _embed_rows(self, dev_rows: torch.Tensor, cols: slice) -> torch.Tensor:
         """Embedding of the tokens of rows `dev_rows` (device ids) at global columns `cols`
         -> [n, T, d]."""
-        return self.packed.embed(self.model, self.tok1[dev_rows, cols], self.tok2[dev_rows, cols],
-                                 self.stamps[self.row_series[dev_rows], cols])
+        return self.packed.embed(
+            self.model,
+            self.tok1[dev_rows, cols],
+            self.tok2[dev_rows, cols],
+            self.stamps[self.row_series[dev_rows], cols],
+        )
 
-    def _history_trunk(self, series: list[int], start: int
-                       ) -> tuple[torch.Tensor, list[KVCache]]:
+    def _history_trunk(self, series: list[int], start: int) -> tuple[torch.Tensor, list[KVCache]]:
         """Module-path causal pass over the history columns [start, Lmax) of `series`
         (one row each, same length) -> hidden [B, T, d] and the per-layer caches."""
         T = self.Lmax - start
         first_rows = torch.stack([(self.rows.series == b).nonzero()[0, 0] for b in series])
         dev_rows = first_rows.to(self.device)
         dev_series = torch.tensor(series, device=self.device)
-        x = self.model.embed(self.tok1[dev_rows, start: self.Lmax], self.tok2[dev_rows, start: self.Lmax],
-                             self.stamps[dev_series, start: self.Lmax])
+        x = self.model.embed(
+            self.tok1[dev_rows, start : self.Lmax],
+            self.tok2[dev_rows, start : self.Lmax],
+            self.stamps[dev_series, start : self.Lmax],
+        )
         caches = self._new_caches(len(series), T)
         h = self.model.trunk(x, torch.arange(T, device=self.device), caches=caches)
         self.stats.full_window_passes += 1
@@ -381,8 +412,9 @@ class Generation:
     def _new_caches(self, batch: int, capacity: int) -> list[KVCache]:
         c = self.model.config
         dtype = next(self.model.parameters()).dtype
-        return [KVCache(batch, c.n_heads, capacity, c.d_model // c.n_heads, dtype, self.device)
-                for _ in range(c.n_layers)]
+        return [
+            KVCache(batch, c.n_heads, capacity, c.d_model // c.n_heads, dtype, self.device) for _ in range(c.n_layers)
+        ]
 
     # -- set-up: encode each series, prefill the cached ones --------------------------------
 
@@ -392,8 +424,8 @@ class Generation:
             s1, s2 = self.tokenizer.encode(s.candles.to(self.device).unsqueeze(0))  # [1, L]
             self.input_tokens.append((s1[0], s2[0]))
             row_ids = (self.rows.series == b).nonzero()[:, 0].to(self.device)
-            self.tok1[row_ids, Lmax - s1.shape[1]: Lmax] = s1
-            self.tok2[row_ids, Lmax - s2.shape[1]: Lmax] = s2
+            self.tok1[row_ids, Lmax - s1.shape[1] : Lmax] = s1
+            self.tok2[row_ids, Lmax - s2.shape[1] : Lmax] = s2
 
     def _prefill_cached(self, series: list[int]) -> _Group | None:
         """Prefill each series' first window alone; merge them as left-padded prefixes."""
@@ -406,19 +438,20 @@ class Generation:
         H, hd = model.config.n_heads, model.config.d_model // model.config.n_heads
         dep = model.dep_layer.cross_attn
         dtype = next(model.parameters()).dtype
-        prefix = [torch.zeros(2, len(series), H, Lp, hd, dtype=dtype, device=self.device)
-                  for _ in range(model.config.n_layers)]
-        prefix.append(torch.zeros(2, len(series), dep.n_heads, Lp, dep.head_dim, dtype=dtype,
-                                  device=self.device))
+        prefix = [
+            torch.zeros(2, len(series), H, Lp, hd, dtype=dtype, device=self.device)
+            for _ in range(model.config.n_layers)
+        ]
+        prefix.append(torch.zeros(2, len(series), dep.n_heads, Lp, dep.head_dim, dtype=dtype, device=self.device))
         h_last = []
         for slot, (b, E) in enumerate(zip(series, spans, strict=True)):
             h, caches = self._history_trunk([b], Lmax - E)  # [1, E, d]
             for layer, cache in enumerate(caches):
-                prefix[layer][0, slot, :, Lp - E:] = cache.k[0]
-                prefix[layer][1, slot, :, Lp - E:] = cache.v[0]
+                prefix[layer][0, slot, :, Lp - E :] = cache.k[0]
+                prefix[layer][1, slot, :, Lp - E :] = cache.v[0]
             dep_k, dep_v = model.dependency_keys_values(h)
-            prefix[-1][0, slot, :, Lp - E:] = dep_k[0]
-            prefix[-1][1, slot, :, Lp - E:] = dep_v[0]
+            prefix[-1][0, slot, :, Lp - E :] = dep_k[0]
+            prefix[-1][1, slot, :, Lp - E :] = dep_v[0]
             h_last.append(h[0, -1])
         rows = self._series_rows(series)
         window_start = torch.tensor([Lmax - E for E in spans], device=self.device)
@@ -438,6 +471,7 @@ class Generation:
         each slot's own window start onwards and, when rolling, only the last W columns."""
         Lp = group.kv[0].prefix_k.shape[2]
         cols = torch.arange(c0, c0 + Lp, device=self.device)
+        assert group.window_start is not None  # cached groups know their windows
         visible = cols[None, :] >= group.window_start[:, None]
         if self.rolling:
             visible &= cols[None, :] > last_col - self.W
@@ -470,15 +504,17 @@ class Generation:
         layout = self._layout(rows, series)
         if Tg:
             causal = torch.ones(Tg, Tg, dtype=torch.bool, device=self.device).tril()
-            trunk_layout = RowLayout(layout.slot, layout.n_series, layout.slots_per_series,
-                                     self.device, suffix_mask=causal)
+            trunk_layout = RowLayout(
+                layout.slot, layout.n_series, layout.slots_per_series, self.device, suffix_mask=causal
+            )
 
             def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return shared_prefix_attention(q, *prefix[layer], k, v, trunk_layout)
 
             positions = torch.arange(Lh, W, device=self.device).expand(len(rows), -1)
-            h = packed.trunk(self._embed_rows(rows.to(self.device), slice(col + 1 - Tg, col + 1)), positions,
-                             model.rotary, attend)  # [n, Tg, d]
+            h = packed.trunk(
+                self._embed_rows(rows.to(self.device), slice(col + 1 - Tg, col + 1)), positions, model.rotary, attend
+            )  # [n, Tg, d]
             dep_kv.append(*packed.dependency_keys_values(h))
             h_last = h[:, -1]
         else:  # the window is all history (first step of a series longer than W)
@@ -492,8 +528,9 @@ class Generation:
         layout = self._layout(rows, series)
         dev_rows = rows.to(self.device)
         window = slice(col + 1 - self.W, col + 1)
-        x = self.model.embed(self.tok1[dev_rows, window], self.tok2[dev_rows, window],
-                             self.stamps[self.row_series[dev_rows], window])  # [n, W, d]
+        x = self.model.embed(
+            self.tok1[dev_rows, window], self.tok2[dev_rows, window], self.stamps[self.row_series[dev_rows], window]
+        )  # [n, W, d]
         h = self.model.trunk(x, torch.arange(self.W, device=self.device))  # [n, W, d]
         dep_k, dep_v = self.model.dependency_keys_values(h)  # [n, 4, W, hd], row order
         prefix_k, prefix_v = torch.empty_like(dep_k), torch.empty_like(dep_v)
@@ -511,8 +548,9 @@ class Generation:
         start_cached = [b for b in range(len(self.series)) if self.rolling or self.lengths[b] <= W]
         start_sliding = [b for b in range(len(self.series)) if b not in start_cached]
         self.cached = self._prefill_cached(start_cached)
-        self.sliding = (self._recompute_sliding(self._series_rows(start_sliding), self.Lmax - 1)
-                        if start_sliding else None)
+        self.sliding = (
+            self._recompute_sliding(self._series_rows(start_sliding), self.Lmax - 1) if start_sliding else None
+        )
 
     def sampling_groups(self) -> list[_Group]:
         """The groups whose rows sample a token this step."""
@@ -521,8 +559,13 @@ class Generation:
     def sampling_inputs(self, group: _Group) -> tuple[torch.Tensor, ...]:
         """h_last [n, d], temperature/top_k/top_p [n] and this step's draws [n, 2] of `group`."""
         rows, dev_rows = self.rows, group.device_rows
-        return (group.h_last, rows.temperature[dev_rows], rows.top_k[dev_rows], rows.top_p[dev_rows],
-                self.draws[dev_rows, self.step])
+        return (
+            group.h_last,
+            rows.temperature[dev_rows],
+            rows.top_k[dev_rows],
+            rows.top_p[dev_rows],
+            self.draws[dev_rows, self.step],
+        )
 
     def store_tokens(self, group: _Group, s1: torch.Tensor, s2: torch.Tensor) -> None:
         """Write the tokens sampled for `group`'s rows [n] at this step's column."""
@@ -539,8 +582,7 @@ class Generation:
             if part.on_step is not None and part.outputs is None and step >= part.join:
                 self.abandoned.update(part.first + int(b) for b in part.on_step(step - part.join))
         sliding = self.sliding
-        sliding_rows = (sliding.rows[self._running(sliding.rows, step)]
-                        if sliding is not None else None)
+        sliding_rows = sliding.rows[self._running(sliding.rows, step)] if sliding is not None else None
         cached = self.cached
         if cached is not None and len(cached.rows):
             keep = self._running(cached.rows, step)
@@ -571,13 +613,17 @@ class Generation:
             suffix_cols = torch.arange(self.Lmax, col + 1, device=self.device)
             visible = suffix_cols > col - self.W
             layout.suffix_mask = None if bool(visible.all()) else visible[None, :]
+        assert group.window_start is not None
         positions = (col - group.window_start[layout.series_slot])[:, None]  # [n, 1]
         rows = group.device_rows
-        return (self.tok1[rows, col: col + 1], self.tok2[rows, col: col + 1],
-                self.stamps[self.row_series[rows], col: col + 1], positions)
+        return (
+            self.tok1[rows, col : col + 1],
+            self.tok2[rows, col : col + 1],
+            self.stamps[self.row_series[rows], col : col + 1],
+            positions,
+        )
 
-    def cached_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                      ) -> torch.Tensor:
+    def cached_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append the cached rows' new keys/values of `layer` and attend [n, H, 1, hd]."""
         group = self.cached
         assert group is not None
@@ -595,8 +641,11 @@ class Generation:
     def end_step(self) -> None:
         """Recompute the windows of the sliding rows and move to the next step."""
         sliding_rows = self.sliding_next
-        self.sliding = (self._recompute_sliding(sliding_rows, self.Lmax + self.step)
-                        if sliding_rows is not None and len(sliding_rows) else None)
+        self.sliding = (
+            self._recompute_sliding(sliding_rows, self.Lmax + self.step)
+            if sliding_rows is not None and len(sliding_rows)
+            else None
+        )
         self.step += 1
         self.done = self.step >= self.Pmax or (not self.advancing and self.sliding is None)
 
@@ -612,8 +661,8 @@ class Generation:
         for part in self.parts:
             series = range(part.first, part.first + part.count)
             if part.outputs is None and all(
-                    b in self.abandoned or self.series_join[b] + self.series[b].pred_len <= self.step
-                    for b in series):
+                b in self.abandoned or self.series_join[b] + self.series[b].pred_len <= self.step for b in series
+            ):
                 part.outputs = [self._decode_series(b) for b in series]
                 done.append(part)
         return done
@@ -640,6 +689,8 @@ class Generation:
         w1, w2 = self.tok1[row_ids, start:end], self.tok2[row_ids, start:end]
         return SeriesOutput(
             paths=decode_window(self.tokenizer, w1, w2, P),
-            input_s1=self.input_tokens[b][0], input_s2=self.input_tokens[b][1],
-            window_s1=w1, window_s2=w2,
+            input_s1=self.input_tokens[b][0],
+            input_s2=self.input_tokens[b][1],
+            window_s1=w1,
+            window_s2=w2,
         )

@@ -27,6 +27,7 @@ WEIGHTS_FILE = "model.safetensors"
 LEGACY_WEIGHTS_FILE = "pytorch_model.bin"
 RECOMPUTED_BUFFER = re.compile(r"(^|\.)rotary\.inv_freq$|^tokenizer\.bsq\.(group_)?basis$")
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 Net = TypeVar("Net", KronosTokenizer, Kronos)
 
 
@@ -34,8 +35,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found or does not match the network it should fill."""
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_checkpoint(
+    name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """A local directory, or a hub id downloaded (or found in the local cache).
 
     The hub is reached through `huggingface_hub`, which honours `HF_HUB_OFFLINE`, `HF_HOME`
@@ -51,10 +53,14 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = N
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(
-            repo_id=name, revision=revision, cache_dir=cache_dir,
-            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE],
-        ))
+        return Path(
+            snapshot_download(
+                repo_id=name,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE],
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
@@ -92,7 +98,8 @@ def load_strict(net: Net, state: dict[str, torch.Tensor], where: str) -> Net:
     unexpected = sorted(k for k in state.keys() - expected.keys() if not RECOMPUTED_BUFFER.search(k))
     wrong_shape = sorted(
         f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in required & state.keys() if state[k].shape != expected[k].shape
+        for k in required & state.keys()
+        if state[k].shape != expected[k].shape
     )
     problems = []
     if missing:
@@ -109,30 +116,37 @@ def load_strict(net: Net, state: dict[str, torch.Tensor], where: str) -> Net:
     return net
 
 
-def _load(cls: type[Net], config_cls: type, name_or_path: str | os.PathLike,
-          revision: str | None, cache_dir: str | os.PathLike | None) -> Net:
+def _load(
+    cls: type[Net],
+    config_cls: type[KronosConfig] | type[TokenizerConfig],
+    name_or_path: str | os.PathLike,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+) -> Net:
     directory = resolve_checkpoint(name_or_path, revision, cache_dir)
     try:
         config = config_cls.from_dict(read_config(directory), where=str(directory / CONFIG_FILE))
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(str(exc)) from exc
-    net = cls(config)
+    net = cls(config)  # type: ignore[arg-type]  # the pairs passed below always match
     return load_strict(net, load_state_dict(directory), str(directory)).eval()
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> KronosTokenizer:
+def load_tokenizer(
+    name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> KronosTokenizer:
     """Load a KronosTokenizer from a directory or a hub id."""
     return _load(KronosTokenizer, TokenizerConfig, name_or_path, revision, cache_dir)
 
 
-def load_model(name_or_path: str | os.PathLike, revision: str | None = None,
-               cache_dir: str | os.PathLike | None = None) -> Kronos:
+def load_model(
+    name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Kronos:
     """Load a Kronos predictor from a directory or a hub id."""
     return _load(Kronos, KronosConfig, name_or_path, revision, cache_dir)
 
 
-def save_checkpoint(net: nn.Module, directory: str | os.PathLike) -> Path:
+def save_checkpoint(net: KronosTokenizer | Kronos, directory: str | os.PathLike) -> Path:
     """Write `config.json` (sorted keys) and `model.safetensors` (full state dict, buffers
     included, as upstream's `save_pretrained` does)."""
     out = Path(directory)
@@ -143,7 +157,7 @@ def save_checkpoint(net: nn.Module, directory: str | os.PathLike) -> Path:
     return out
 
 
-def random_init_(net: nn.Module, generator: torch.Generator) -> nn.Module:
+def random_init_(net: ModuleT, generator: torch.Generator) -> ModuleT:
     """Random weights in the upstream initialisation style: xavier-normal linear weights,
     zero biases, N(0, d^-0.5) embeddings, unit norm weights. Deterministic for a generator."""
     with torch.no_grad():
@@ -160,12 +174,14 @@ def random_init_(net: nn.Module, generator: torch.Generator) -> nn.Module:
     return net
 
 
-def write_random_checkpoint(config: TokenizerConfig | KronosConfig, directory: str | os.PathLike,
-                            seed: int = 0) -> Path:
+def write_random_checkpoint(
+    config: TokenizerConfig | KronosConfig, directory: str | os.PathLike, seed: int = 0
+) -> Path:
     """Build a network of any shape with random weights and save it in the HF layout."""
     generator = torch.Generator().manual_seed(seed)
     net = KronosTokenizer(config) if isinstance(config, TokenizerConfig) else Kronos(config)
-    return save_checkpoint(random_init_(net, generator), directory)
+    random_init_(net, generator)
+    return save_checkpoint(net, directory)
 
 
 def count_parameters(net: nn.Module) -> int:

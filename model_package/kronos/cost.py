@@ -38,8 +38,8 @@ SUFFIX_COPIES = 2
 # whose CPU and CUDA kernels never hold the [T, T] score matrix.
 SLIDING_SCORE_COPIES = 4
 # Allocator slack and buffers too small to model one by one: every generation's bound is
-# MARGIN times the sum of its terms plus ALLOCATOR_SLACK (measured peaks were 0.3-0.9 of
-# the bound: `python -m model_package.bench --memory`).
+# MARGIN times the sum of its terms plus ALLOCATOR_SLACK (measured peaks were 0.38-0.93
+# of the bound over two runs: `python -m model_package.bench --memory`).
 MARGIN = 1.25
 MIB = 1 << 20
 ALLOCATOR_SLACK = 4 * MIB
@@ -61,8 +61,17 @@ class NetworkShape:
 
     @classmethod
     def of(cls, tokenizer: TokenizerConfig, model: KronosConfig, max_context: int) -> NetworkShape:
-        return cls(model.n_layers, model.d_model, model.n_heads, model.ff_dim, 2**model.s1_bits,
-                   2**model.s2_bits, tokenizer.d_model, tokenizer.ff_dim, max_context)
+        return cls(
+            model.n_layers,
+            model.d_model,
+            model.n_heads,
+            model.ff_dim,
+            2**model.s1_bits,
+            2**model.s2_bits,
+            tokenizer.d_model,
+            tokenizer.ff_dim,
+            max_context,
+        )
 
     @property
     def kv_column_bytes(self) -> int:
@@ -70,9 +79,10 @@ class NetworkShape:
         return (self.n_layers + 1) * 2 * self.d_model * FLOAT_BYTES
 
     def block_bytes(self, rows: int, length: int) -> int:
-        """Activations of one transformer block over rows x length positions (the x, q, k,
-        v, attention output and residual buffers plus the three SwiGLU intermediates)."""
-        return rows * length * (6 * self.d_model + 3 * self.ff_dim) * FLOAT_BYTES
+        """Activations of one transformer block over rows x length positions: the input, its
+        norm, q, k, v, their rotated and transposed copies, the attention output and the
+        residual (10 x d), and the SwiGLU's gate, up, activated gate and product (4 x ff)."""
+        return rows * length * (10 * self.d_model + 4 * self.ff_dim) * FLOAT_BYTES
 
     def score_bytes(self, rows: int, queries: int, keys: int) -> int:
         """One materialised attention score tensor [rows, H, queries, keys]."""
@@ -118,8 +128,9 @@ class GenerationCost:
 ZERO_COST = GenerationCost(0, 0)
 
 
-def generation_cost(shape: NetworkShape, work: Sequence[SeriesWork], mode: str = "fast",
-                    history_rows: int | None = None) -> GenerationCost:
+def generation_cost(
+    shape: NetworkShape, work: Sequence[SeriesWork], mode: str = "fast", history_rows: int | None = None
+) -> GenerationCost:
     """Upper bound of the memory of generating `work` as one batch in `mode`, plus the host
     memory of a request of `history_rows` rows (default: the histories' candles)."""
     if not work:
@@ -131,7 +142,7 @@ def generation_cost(shape: NetworkShape, work: Sequence[SeriesWork], mode: str =
 
 
 def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) -> int:
-    """"fast" / "rolling": persistent caches and token tables, plus the largest transient."""
+    """ "fast" / "rolling": persistent caches and token tables, plus the largest transient."""
     W = shape.max_context
     N = sum(w.sample_count for w in work)
     Lmax = max(w.history_len for w in work)
@@ -140,8 +151,7 @@ def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) ->
     prefix = len(work) * window * shape.kv_column_bytes
     suffix = SUFFIX_COPIES * N * min(Pmax, W) * shape.kv_column_bytes
     columns = Lmax + Pmax
-    tables = (2 * N * columns * INDEX_BYTES + len(work) * columns * 5 * FLOAT_BYTES
-              + N * Pmax * 2 * DRAW_BYTES)
+    tables = 2 * N * columns * INDEX_BYTES + len(work) * columns * 5 * FLOAT_BYTES + N * Pmax * 2 * DRAW_BYTES
     outputs = N * Pmax * 6 * FLOAT_BYTES * 4  # paths, denormalised copy, mean and quantiles
     transient = max(
         max(_encode_bytes(shape, w) for w in work),
@@ -168,8 +178,7 @@ def _prefill_bytes(shape: NetworkShape, w: SeriesWork) -> int:
 def _step_bytes(shape: NetworkShape, rows: int, keys: int) -> int:
     """One cached step: every row's new position through the trunk and both heads, its
     attention over the prefix and its own suffix."""
-    return (shape.block_bytes(rows, 1) + SLIDING_SCORE_COPIES * shape.score_bytes(rows, 1, keys)
-            + shape.head_bytes(rows))
+    return shape.block_bytes(rows, 1) + SLIDING_SCORE_COPIES * shape.score_bytes(rows, 1, keys) + shape.head_bytes(rows)
 
 
 def _sliding_bytes(shape: NetworkShape, work: Sequence[SeriesWork]) -> int:
@@ -182,13 +191,18 @@ def _sliding_bytes(shape: NetworkShape, work: Sequence[SeriesWork]) -> int:
     if not sliding:
         return 0
     single = sum(w.sample_count for w in sliding if w.sample_count == 1)
-    total = shape.block_bytes(single, W)
+    # a series longer than the window starts with its whole first window's caches
+    first_windows = sum(W * shape.kv_column_bytes for w in sliding if w.sample_count == 1 and w.history_len > W)
+    total = shape.block_bytes(single, W) + first_windows
     for w in sliding:
         if w.sample_count > 1:
             queries = min(w.pred_len, W)
-            total += (shape.block_bytes(w.sample_count, queries) + shape.block_bytes(1, W)
-                      + SLIDING_SCORE_COPIES * shape.score_bytes(w.sample_count, queries, W)
-                      + W * shape.kv_column_bytes)  # the shared history's keys/values
+            total += (
+                shape.block_bytes(w.sample_count, queries)
+                + shape.block_bytes(1, W)
+                + SLIDING_SCORE_COPIES * shape.score_bytes(w.sample_count, queries, W)
+                + W * shape.kv_column_bytes
+            )  # the shared history's keys/values
     rows = sum(w.sample_count for w in sliding)
     return total + 2 * rows * W * shape.d_model * FLOAT_BYTES  # s2-head keys/values of the windows
 
@@ -208,7 +222,10 @@ def _reference_bytes(shape: NetworkShape, work: Sequence[SeriesWork]) -> int:
     for w in work:
         S, T = w.sample_count, min(w.history_len + w.pred_len, W)
         tokens = 2 * S * (w.history_len + w.pred_len) * INDEX_BYTES
-        step = (shape.block_bytes(S, T) + S * T * (shape.s1_vocab + shape.s2_vocab) * FLOAT_BYTES + shape.head_bytes(S))
+        # the window through the trunk, then at every position: the embeddings, the hidden
+        # states, the s2 head's keys, values, query and norm (6 x d) and both heads' logits
+        every_position = S * T * (6 * shape.d_model + shape.s1_vocab + shape.s2_vocab) * FLOAT_BYTES
+        step = shape.block_bytes(S, T) + every_position + shape.head_bytes(S)
         encode = shape.tokenizer_pass_bytes(S, w.history_len)
         worst = max(worst, tokens + max(step, encode, _decode_bytes(shape, w)))
     return worst

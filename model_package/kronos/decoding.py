@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from .layers import apply_rotary, rms_norm
+from .layers import RotaryEmbedding, TransformerBlock, apply_rotary, rms_norm
 from .model import Kronos
 
 # For this many rows, out^T = W [out, in] @ x^T is the faster product on CPU (MKL reads a
@@ -44,9 +45,9 @@ class Dense:
     @classmethod
     def of(cls, *linears: torch.nn.Linear) -> Dense:
         """Stack Linear layers along their outputs."""
-        weight = torch.cat([lin.weight for lin in linears], dim=0).detach()  # [sum(out), in]
-        biases = [lin.bias for lin in linears]
-        bias = torch.cat(biases).detach().contiguous() if biases[0] is not None else None
+        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
+        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
+        bias = torch.cat(biases).contiguous() if biases else None
         return cls(weight.t().contiguous(), weight.contiguous(), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +55,11 @@ class Dense:
         flat = x.reshape(-1, x.shape[-1])
         out_features = self.weight_major.shape[0]
         if flat.shape[0] in WEIGHT_MAJOR_ROWS and flat.device.type == "cpu":
-            transposed = (torch.addmm(self.bias[:, None], self.weight_major, flat.t())
-                          if self.bias is not None else self.weight_major @ flat.t())  # [out, rows]
+            transposed = (
+                torch.addmm(self.bias[:, None], self.weight_major, flat.t())
+                if self.bias is not None
+                else self.weight_major @ flat.t()
+            )  # [out, rows]
             out = transposed.t().contiguous()
         elif self.bias is not None:
             out = torch.addmm(self.bias, flat, self.input_major)
@@ -93,9 +97,13 @@ class PackedKronos:
 
     # -- trunk ------------------------------------------------------------------------------
 
-    def trunk(self, x: torch.Tensor, positions: torch.Tensor, rotary: torch.nn.Module,
-              attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
+    def trunk(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """x [n, Tq, d] at rotary positions [n, Tq] -> final-normed hidden [n, Tq, d].
 
         attend(layer, q, k, v) with q/k/v [n, H, Tq, hd] (rotated) returns [n, H, Tq, hd]; it
@@ -114,8 +122,7 @@ class PackedKronos:
             x = x + blk.w2(F.silu(gate) * up)
         return rms_norm(x, self.final_norm)
 
-    def embed(self, model: Kronos, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor
-              ) -> torch.Tensor:
+    def embed(self, model: Kronos, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
         """(s1, s2) [n, T], stamp [n, T, 5] -> [n, T, d] (same sum as Kronos.embed)."""
         emb = model.embedding
         scale = emb.d_model**0.5
@@ -135,8 +142,9 @@ class PackedKronos:
         k, v = kv.permute(2, 0, 3, 1, 4)
         return k, v
 
-    def s2_logits(self, model: Kronos, h_last: torch.Tensor, s1: torch.Tensor,
-                  attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def s2_logits(
+        self, model: Kronos, h_last: torch.Tensor, s1: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """h_last [n, d], chosen s1 [n] -> [n, V2]; attend(q [n, 4, 1, hd]) -> [n, 4, 1, hd]
         runs the cross-attention over the row's window keys."""
         n, d = h_last.shape
@@ -154,19 +162,32 @@ def packed_weights(model: Kronos) -> PackedKronos:
         return cached
     with torch.no_grad():
         blocks = []
-        for block in model.transformer:
+        for block in cast("list[TransformerBlock]", list(model.transformer)):
             attn, ffn = block.self_attn, block.ffn
-            blocks.append(PackedBlock(block.norm1.weight.detach(),
-                                      Dense.of(attn.q_proj, attn.k_proj, attn.v_proj),
-                                      Dense.of(attn.out_proj), block.norm2.weight.detach(),
-                                      Dense.of(ffn.w1, ffn.w3), Dense.of(ffn.w2)))
+            blocks.append(
+                PackedBlock(
+                    block.norm1.weight.detach(),
+                    Dense.of(attn.q_proj, attn.k_proj, attn.v_proj),
+                    Dense.of(attn.out_proj),
+                    block.norm2.weight.detach(),
+                    Dense.of(ffn.w1, ffn.w3),
+                    Dense.of(ffn.w2),
+                )
+            )
         cross = model.dep_layer.cross_attn
         packed = PackedKronos(
-            blocks, model.norm.weight.detach(), Dense.of(model.embedding.fusion_proj),
-            Dense.of(model.head.proj_s1), Dense.of(model.head.proj_s2), Dense.of(cross.q_proj),
-            Dense.of(cross.k_proj, cross.v_proj), Dense.of(cross.out_proj),
-            model.dep_layer.norm.weight.detach(), n_heads=model.config.n_heads,
-            dep_heads=cross.n_heads, signature=signature,
+            blocks,
+            model.norm.weight.detach(),
+            Dense.of(model.embedding.fusion_proj),
+            Dense.of(model.head.proj_s1),
+            Dense.of(model.head.proj_s2),
+            Dense.of(cross.q_proj),
+            Dense.of(cross.k_proj, cross.v_proj),
+            Dense.of(cross.out_proj),
+            model.dep_layer.norm.weight.detach(),
+            n_heads=model.config.n_heads,
+            dep_heads=cross.n_heads,
+            signature=signature,
         )
     model.__dict__["_packed_weights"] = packed
     return packed
@@ -201,8 +222,7 @@ class RowLayout:
         self.device_slot = self.slot.to(self.device)
         if self.suffix_from is not None:
             self.suffix_from = self.suffix_from[keep.to(self.device)]
-        self.one_row_per_series = self.slots_per_series == 1 and torch.equal(
-            self.slot, torch.arange(self.n_series))
+        self.one_row_per_series = self.slots_per_series == 1 and torch.equal(self.slot, torch.arange(self.n_series))
 
     @property
     def series_slot(self) -> torch.Tensor:
@@ -230,9 +250,14 @@ def _from_slots(grid: torch.Tensor, layout: RowLayout, Tq: int) -> torch.Tensor:
     return grid.view(B, H, S, Tq, X).transpose(1, 2).reshape(B * S, H, Tq, X)[layout.device_slot]
 
 
-def shared_prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                            suffix_k: torch.Tensor, suffix_v: torch.Tensor,
-                            layout: RowLayout) -> torch.Tensor:
+def shared_prefix_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    layout: RowLayout,
+) -> torch.Tensor:
     """Softmax attention of q [n, H, Tq, hd] over the row's prefix keys (prefix_k/v
     [B, H, Lp, hd], shared by the rows of one series) followed by its own suffix keys
     (suffix_k/v [n, H, Ts, hd]) -> [n, H, Tq, hd]. One softmax spans both parts."""
@@ -260,8 +285,7 @@ class SharedPrefixKV:
     """One attention layer's keys/values: prefix [B, H, Lp, hd] per series, suffix
     [n, H, capacity, hd] per row with `length` columns filled."""
 
-    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, rows: int,
-                 capacity: int) -> None:
+    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, rows: int, capacity: int) -> None:
         self.prefix_k, self.prefix_v = prefix_k, prefix_v
         B, H, _, hd = prefix_k.shape
         self.suffix_k = prefix_k.new_zeros(rows, H, capacity, hd)
@@ -271,14 +295,19 @@ class SharedPrefixKV:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [n, H, T, hd] -> written after the filled suffix columns."""
         end = self.length + k.shape[2]
-        self.suffix_k[:, :, self.length:end] = k
-        self.suffix_v[:, :, self.length:end] = v
+        self.suffix_k[:, :, self.length : end] = k
+        self.suffix_v[:, :, self.length : end] = v
         self.length = end
 
     def attend(self, q: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         return shared_prefix_attention(
-            q, self.prefix_k, self.prefix_v, self.suffix_k[:, :, : self.length],
-            self.suffix_v[:, :, : self.length], layout)
+            q,
+            self.prefix_k,
+            self.prefix_v,
+            self.suffix_k[:, :, : self.length],
+            self.suffix_v[:, :, : self.length],
+            layout,
+        )
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.suffix_k = self.suffix_k.index_select(0, rows)

@@ -28,7 +28,6 @@ batched steps, far below the logit margins of greedy decoding).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
@@ -38,14 +37,18 @@ from .sampling import sample_tokens, uniforms
 from .series import GenerationStats, Rows, SeriesInput, SeriesOutput, StepHook, decode_window, validate_series
 from .tokenizer import KronosTokenizer
 
-GenerationMode = Literal["fast", "reference", "rolling"]
 GENERATION_MODES: tuple[str, ...] = ("fast", "reference", "rolling")
 
 
 @torch.inference_mode()
-def generate(tokenizer: KronosTokenizer, model: Kronos, series: Sequence[SeriesInput],
-             max_context: int, mode: GenerationMode = "fast", on_step: StepHook | None = None
-             ) -> tuple[list[SeriesOutput | None], GenerationStats]:
+def generate(
+    tokenizer: KronosTokenizer,
+    model: Kronos,
+    series: Sequence[SeriesInput],
+    max_context: int,
+    mode: str = "fast",  # one of GENERATION_MODES
+    on_step: StepHook | None = None,
+) -> tuple[list[SeriesOutput | None], GenerationStats]:
     """Sample `sample_count` future paths for every series.
 
     Returns one SeriesOutput per series (None for a series abandoned through `on_step`)
@@ -63,9 +66,9 @@ def generate(tokenizer: KronosTokenizer, model: Kronos, series: Sequence[SeriesI
     return run.result()
 
 
-def _generate_reference(tokenizer: KronosTokenizer, model: Kronos,
-                        series: Sequence[SeriesInput], W: int
-                        ) -> tuple[list[SeriesOutput | None], GenerationStats]:
+def _generate_reference(
+    tokenizer: KronosTokenizer, model: Kronos, series: Sequence[SeriesInput], W: int
+) -> tuple[list[SeriesOutput | None], GenerationStats]:
     """Upstream's loop, one series at a time: full-window recompute at every step."""
     device = next(model.parameters()).device
     rows = Rows.build(series, device)
@@ -91,9 +94,13 @@ def _generate_reference(tokenizer: KronosTokenizer, model: Kronos,
             s2 = torch.cat((s2, next_s2[:, None]), dim=1)
             stats.full_window_passes += 1
         start = max(0, L + P - W)
-        outputs.append(SeriesOutput(
-            paths=decode_window(tokenizer, s1[:, start:], s2[:, start:], P),
-            input_s1=s1[0, :L], input_s2=s2[0, :L],
-            window_s1=s1[:, start:], window_s2=s2[:, start:],
-        ))
+        outputs.append(
+            SeriesOutput(
+                paths=decode_window(tokenizer, s1[:, start:], s2[:, start:], P),
+                input_s1=s1[0, :L],
+                input_s2=s2[0, :L],
+                window_s1=s1[:, start:],
+                window_s2=s2[:, start:],
+            )
+        )
     return outputs, stats

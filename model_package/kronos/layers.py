@@ -38,6 +38,8 @@ class RotaryEmbedding(nn.Module):
     recomputed here and the stored copy is ignored on load.
     """
 
+    inv_freq: torch.Tensor  # [hd/2], a buffer
+
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -76,8 +78,9 @@ class KVCache:
     every row (the caller masks any column a row must not see).
     """
 
-    def __init__(self, batch: int, n_heads: int, capacity: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, batch: int, n_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.k = torch.zeros(batch, n_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
@@ -85,8 +88,8 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H, T, hd] after the filled columns; return all filled [B, H, Tk, hd]."""
         end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -104,9 +107,15 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.rotary = RotaryEmbedding(self.head_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, causal: bool = True,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = True,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d].
 
         Without a mask, `causal` selects causal or full attention over the keys. With a
@@ -151,8 +160,14 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(d_model)
         self.ffn = FeedForward(d_model, ff_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, causal: bool = True,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = True,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x), cos, sin, attn_mask, causal, cache)
         return x + self.ffn(self.norm2(x))

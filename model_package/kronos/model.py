@@ -11,6 +11,7 @@ of the window. Shapes: B rows, T positions, d model size, V1/V2 vocabulary sizes
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +107,9 @@ class CrossAttention(nn.Module):
         v = self.v_proj(h).view(B, Tk, self.n_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """query [B, Tq, d] over k, v [B, H, Tk, hd] (non-causal) -> [B, Tq, d].
 
         key_mask [B, 1, 1, Tk] (True = attend) hides padding or out-of-window keys.
@@ -145,9 +147,7 @@ class Kronos(nn.Module):
         c = config
         self.embedding = HierarchicalEmbedding(c.s1_bits, c.s2_bits, c.d_model)
         self.time_emb = TemporalEmbedding(c.d_model, c.learn_te)
-        self.transformer = nn.ModuleList(
-            TransformerBlock(c.d_model, c.n_heads, c.ff_dim) for _ in range(c.n_layers)
-        )
+        self.transformer = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.ff_dim) for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model)
         self.dep_layer = DependencyAwareLayer(c.d_model)
         self.head = DualHead(c.s1_bits, c.s2_bits, c.d_model)
@@ -159,15 +159,20 @@ class Kronos(nn.Module):
 
     @property
     def rotary(self) -> RotaryEmbedding:
-        return self.transformer[0].self_attn.rotary
+        return cast(TransformerBlock, self.transformer[0]).self_attn.rotary
 
     def embed(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> torch.Tensor:
         """(s1, s2) [B, T], stamp [B, T, 5] -> x [B, T, d]."""
         return self.embedding(s1, s2) + self.time_emb(stamp)
 
-    def trunk(self, x: torch.Tensor, positions: torch.Tensor,
-              attn_mask: torch.Tensor | None = None, causal: bool = True,
-              caches: list[KVCache] | None = None) -> torch.Tensor:
+    def trunk(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        causal: bool = True,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
         """x [B, T, d] at rotary positions [T] or [B, T] -> final-normed hidden h [B, T, d]."""
         cos, sin = self.rotary.cos_sin(positions)
         for i, block in enumerate(self.transformer):
@@ -182,8 +187,14 @@ class Kronos(nn.Module):
         """Window hidden states h [B, Tk, d] -> s2-head keys/values [B, 4, Tk, d/4]."""
         return self.dep_layer.cross_attn.keys_values(h)
 
-    def s2_logits(self, h_last: torch.Tensor, s1: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def s2_logits(
+        self,
+        h_last: torch.Tensor,
+        s1: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """s2 logits at the last position given the chosen s1.
 
         h_last [B, d], s1 [B], k/v [B, 4, Tk, d/4] of the window -> [B, V2].
@@ -194,8 +205,7 @@ class Kronos(nn.Module):
 
     # -- upstream's literal per-step forward, kept for the reference generator -------------
 
-    def decode_s1(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_s1(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole window from scratch: (s1, s2) [B, T], stamp [B, T, 5] -> (s1 logits [B, T, V1], h)."""
         T = s1.shape[1]
         h = self.trunk(self.embed(s1, s2, stamp), torch.arange(T, device=s1.device))

@@ -20,19 +20,41 @@ class Preset:
 
 def _tokenizer_config(group_size: int) -> TokenizerConfig:
     return TokenizerConfig(
-        d_in=6, d_model=256, n_heads=4, ff_dim=512, n_enc_layers=4, n_dec_layers=4,
-        ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=10, s2_bits=10,
-        beta=0.05, gamma0=1.0, gamma=1.1, zeta=0.05, group_size=group_size,
+        d_in=6,
+        d_model=256,
+        n_heads=4,
+        ff_dim=512,
+        n_enc_layers=4,
+        n_dec_layers=4,
+        ffn_dropout_p=0.0,
+        attn_dropout_p=0.0,
+        resid_dropout_p=0.0,
+        s1_bits=10,
+        s2_bits=10,
+        beta=0.05,
+        gamma0=1.0,
+        gamma=1.1,
+        zeta=0.05,
+        group_size=group_size,
     )
 
 
-def _model_config(n_layers: int, d_model: int, n_heads: int, ff_dim: int,
-                  dropout: tuple[float, float, float, float]) -> KronosConfig:
+def _model_config(
+    n_layers: int, d_model: int, n_heads: int, ff_dim: int, dropout: tuple[float, float, float, float]
+) -> KronosConfig:
     ffn_p, attn_p, resid_p, token_p = dropout
     return KronosConfig(
-        s1_bits=10, s2_bits=10, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-        ff_dim=ff_dim, ffn_dropout_p=ffn_p, attn_dropout_p=attn_p, resid_dropout_p=resid_p,
-        token_dropout_p=token_p, learn_te=True,
+        s1_bits=10,
+        s2_bits=10,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        ff_dim=ff_dim,
+        ffn_dropout_p=ffn_p,
+        attn_dropout_p=attn_p,
+        resid_dropout_p=resid_p,
+        token_dropout_p=token_p,
+        learn_te=True,
     )
 
 
@@ -41,16 +63,25 @@ TOKENIZER_2K = "NeoQuasar/Kronos-Tokenizer-2k"
 
 PRESETS: dict[str, Preset] = {
     "NeoQuasar/Kronos-mini": Preset(
-        "NeoQuasar/Kronos-mini", TOKENIZER_2K, 2048,
-        _model_config(4, 256, 4, 512, (0.2, 0.0, 0.2, 0.0)), _tokenizer_config(5),
+        "NeoQuasar/Kronos-mini",
+        TOKENIZER_2K,
+        2048,
+        _model_config(4, 256, 4, 512, (0.2, 0.0, 0.2, 0.0)),
+        _tokenizer_config(5),
     ),
     "NeoQuasar/Kronos-small": Preset(
-        "NeoQuasar/Kronos-small", TOKENIZER_BASE, 512,
-        _model_config(8, 512, 8, 1024, (0.25, 0.1, 0.25, 0.1)), _tokenizer_config(4),
+        "NeoQuasar/Kronos-small",
+        TOKENIZER_BASE,
+        512,
+        _model_config(8, 512, 8, 1024, (0.25, 0.1, 0.25, 0.1)),
+        _tokenizer_config(4),
     ),
     "NeoQuasar/Kronos-base": Preset(
-        "NeoQuasar/Kronos-base", TOKENIZER_BASE, 512,
-        _model_config(12, 832, 16, 2048, (0.2, 0.0, 0.2, 0.0)), _tokenizer_config(4),
+        "NeoQuasar/Kronos-base",
+        TOKENIZER_BASE,
+        512,
+        _model_config(12, 832, 16, 2048, (0.2, 0.0, 0.2, 0.0)),
+        _tokenizer_config(4),
     ),
 }
 
@@ -73,8 +104,12 @@ def preset_for_config(config: KronosConfig) -> Preset | None:
     for preset in PRESETS.values():
         p = preset.model_config
         if (p.n_layers, p.d_model, p.n_heads, p.ff_dim, p.s1_bits, p.s2_bits) == (
-            config.n_layers, config.d_model, config.n_heads, config.ff_dim,
-            config.s1_bits, config.s2_bits,
+            config.n_layers,
+            config.d_model,
+            config.n_heads,
+            config.ff_dim,
+            config.s1_bits,
+            config.s2_bits,
         ):
             return preset
     return None

@@ -49,8 +49,13 @@ def draw_table(keys: np.ndarray, steps: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  max_top_k: int | None = None, any_top_p: bool | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    max_top_k: int | None = None,
+    any_top_p: bool | None = None,
+) -> torch.Tensor:
     """logits [N, V] (already divided by temperature), per-row top_k [N], top_p [N] -> [N, V]
     with removed entries set to -inf.
 
@@ -81,9 +86,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return out
 
 
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, u: np.ndarray | torch.Tensor, max_top_k: int | None = None,
-                  any_top_p: bool | None = None) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: np.ndarray | torch.Tensor,
+    max_top_k: int | None = None,
+    any_top_p: bool | None = None,
+) -> torch.Tensor:
     """Draw one token per row: logits [N, V], settings [N], u [N] in [0, 1) -> ids [N] int64.
 
     Inverse-CDF sampling of softmax(filtered logits / temperature); a filtered-out token has

@@ -80,16 +80,21 @@ class Rows:
     def joined(self, other: Rows, series_offset: int, join: int) -> Rows:
         """These rows followed by `other`'s, whose series ids move up by `series_offset` and
         who join at step `join`."""
+
         def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat((a, b))
 
         return Rows(
-            series=cat(self.series, other.series + series_offset), path=cat(self.path, other.path),
+            series=cat(self.series, other.series + series_offset),
+            path=cat(self.path, other.path),
             history_len=cat(self.history_len, other.history_len),
             pred_len=cat(self.pred_len, other.pred_len),
-            temperature=cat(self.temperature, other.temperature), top_k=cat(self.top_k, other.top_k),
-            top_p=cat(self.top_p, other.top_p), keys=np.concatenate((self.keys, other.keys)),
-            top_k_cpu=cat(self.top_k_cpu, other.top_k_cpu), top_p_cpu=cat(self.top_p_cpu, other.top_p_cpu),
+            temperature=cat(self.temperature, other.temperature),
+            top_k=cat(self.top_k, other.top_k),
+            top_p=cat(self.top_p, other.top_p),
+            keys=np.concatenate((self.keys, other.keys)),
+            top_k_cpu=cat(self.top_k_cpu, other.top_k_cpu),
+            top_p_cpu=cat(self.top_p_cpu, other.top_p_cpu),
             join=cat(self.join, other.join + join),
         )
 
@@ -119,8 +124,10 @@ class Rows:
     def filter_flags(self, rows: torch.Tensor) -> dict:
         """Host-side summary of the filters `rows` (cpu ids) use: max_top_k, any_top_p."""
         top_k, top_p = self.top_k_cpu[rows], self.top_p_cpu[rows]
-        return {"max_top_k": int(top_k.max()) if len(rows) else 0,
-                "any_top_p": bool(((top_k == 0) & (top_p < 1.0)).any())}
+        return {
+            "max_top_k": int(top_k.max()) if len(rows) else 0,
+            "any_top_p": bool(((top_k == 0) & (top_p < 1.0)).any()),
+        }
 
 
 def validate_series(series: Sequence[SeriesInput], d_in: int) -> None:
@@ -132,12 +139,10 @@ def validate_series(series: Sequence[SeriesInput], d_in: int) -> None:
             raise ValueError(f"series {i}: need history >= 1, pred_len >= 1, sample_count >= 1")
         if tuple(s.stamps.shape) != (L + s.pred_len, 5):
             raise ValueError(
-                f"series {i}: stamps must be [{L + s.pred_len}, 5] (history + horizon), "
-                f"got {tuple(s.stamps.shape)}"
+                f"series {i}: stamps must be [{L + s.pred_len}, 5] (history + horizon), got {tuple(s.stamps.shape)}"
             )
 
 
-def decode_window(tokenizer: KronosTokenizer, s1: torch.Tensor, s2: torch.Tensor,
-                   pred_len: int) -> torch.Tensor:
+def decode_window(tokenizer: KronosTokenizer, s1: torch.Tensor, s2: torch.Tensor, pred_len: int) -> torch.Tensor:
     """Decode the final window (s1, s2) [S, W] and keep the last pred_len candles [S, P, d_in]."""
     return tokenizer.decode(s1, s2)[:, -pred_len:]

@@ -9,6 +9,7 @@ decode: (s1, s2) -> ±1/sqrt(k) bit vectors [B, T, k] -> post_quant_embed -> cau
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -70,7 +71,8 @@ class KronosTokenizer(nn.Module):
         """Causal blocks over h [B, T, d], rotary positions 0..T-1."""
         if not len(blocks):
             return h
-        cos, sin = blocks[0].self_attn.rotary.cos_sin(torch.arange(h.shape[1], device=h.device))
+        first = cast(TransformerBlock, blocks[0])
+        cos, sin = first.self_attn.rotary.cos_sin(torch.arange(h.shape[1], device=h.device))
         for block in blocks:
             h = block(h, cos, sin)
         return h
@@ -85,7 +87,7 @@ class KronosTokenizer(nn.Module):
         s1_weights = 2 ** torch.arange(c.s1_bits, device=x.device)  # LSB first
         s2_weights = 2 ** torch.arange(c.s2_bits, device=x.device)
         s1 = (bits[..., : c.s1_bits] * s1_weights).sum(-1)  # [B, T]
-        s2 = (bits[..., c.s1_bits:] * s2_weights).sum(-1)
+        s2 = (bits[..., c.s1_bits :] * s2_weights).sum(-1)
         return s1, s2
 
     def indices_to_bits(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 ROUTES = frozenset({"infer", "grpc", "health", "repository", "other"})
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                     60.0, 120.0, 300.0)
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class GatewayLogMetrics:
@@ -42,18 +41,25 @@ class GatewayLogMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.requests = Counter("kronos_gateway_requests", "Gateway responses by status",
-                                ["status", "route"], registry=self.registry)
-        self.seconds = Histogram("kronos_gateway_request_seconds",
-                                 "Gateway request time in seconds", ["route"],
-                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.grpc = Counter("kronos_gateway_grpc_responses", "gRPC status codes from upstream",
-                            ["grpc_status"], registry=self.registry)
-        self.lines = Counter("kronos_gateway_log_lines", "Access log lines read",
-                             registry=self.registry)
-        self.parse_errors = Counter("kronos_gateway_log_parse_errors",
-                                    "Access log lines that were not a valid JSON entry",
-                                    registry=self.registry)
+        self.requests = Counter(
+            "kronos_gateway_requests", "Gateway responses by status", ["status", "route"], registry=self.registry
+        )
+        self.seconds = Histogram(
+            "kronos_gateway_request_seconds",
+            "Gateway request time in seconds",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.grpc = Counter(
+            "kronos_gateway_grpc_responses", "gRPC status codes from upstream", ["grpc_status"], registry=self.registry
+        )
+        self.lines = Counter("kronos_gateway_log_lines", "Access log lines read", registry=self.registry)
+        self.parse_errors = Counter(
+            "kronos_gateway_log_parse_errors",
+            "Access log lines that were not a valid JSON entry",
+            registry=self.registry,
+        )
 
     def observe_line(self, line: str) -> bool:
         """Count one access-log line; returns False (and counts a parse error) if invalid."""
@@ -81,8 +87,9 @@ class GatewayLogMetrics:
         return True
 
 
-def follow(path: Path, stop: threading.Event, from_start: bool = False,
-           poll_s: float = 0.2, max_bytes: int = 0) -> Iterator[str]:
+def follow(
+    path: Path, stop: threading.Event, from_start: bool = False, poll_s: float = 0.2, max_bytes: int = 0
+) -> Iterator[str]:
     """Yield complete lines appended to `path` until `stop` is set.
 
     Waits for the file to appear; reopens it from the start when it is replaced (rotation,
@@ -136,8 +143,14 @@ def follow(path: Path, stop: threading.Event, from_start: bool = False,
         handle.close()
 
 
-def run(log: Path, metrics: GatewayLogMetrics, stop: threading.Event,
-        from_start: bool = False, poll_s: float = 0.2, max_bytes: int = 0) -> None:
+def run(
+    log: Path,
+    metrics: GatewayLogMetrics,
+    stop: threading.Event,
+    from_start: bool = False,
+    poll_s: float = 0.2,
+    max_bytes: int = 0,
+) -> None:
     """Feed every new line of `log` into `metrics` until `stop` is set."""
     for line in follow(log, stop, from_start=from_start, poll_s=poll_s, max_bytes=max_bytes):
         metrics.observe_line(line)
@@ -146,20 +159,23 @@ def run(log: Path, metrics: GatewayLogMetrics, stop: threading.Event,
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve the metrics on --host:--port while following --log."""
     parser = argparse.ArgumentParser(description="Kronos gateway access-log exporter")
-    parser.add_argument("--log", type=Path,
-                        default=Path(os.environ.get("KRONOS_GATEWAY_EXPORTER_LOG",
-                                                    "/tmp/kronos-gateway/logs/access.log")))
-    parser.add_argument("--host", default=os.environ.get("KRONOS_GATEWAY_EXPORTER_HOST",
-                                                         "0.0.0.0"))
-    parser.add_argument("--port", type=int,
-                        default=int(os.environ.get("KRONOS_GATEWAY_EXPORTER_PORT", "9145")))
-    parser.add_argument("--from-start", action="store_true",
-                        help="count lines already in the log (default: only new ones)")
+    parser.add_argument(
+        "--log",
+        type=Path,
+        default=Path(os.environ.get("KRONOS_GATEWAY_EXPORTER_LOG", "/tmp/kronos-gateway/logs/access.log")),
+    )
+    parser.add_argument("--host", default=os.environ.get("KRONOS_GATEWAY_EXPORTER_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("KRONOS_GATEWAY_EXPORTER_PORT", "9145")))
+    parser.add_argument(
+        "--from-start", action="store_true", help="count lines already in the log (default: only new ones)"
+    )
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between polls")
-    parser.add_argument("--max-bytes", type=int,
-                        default=int(os.environ.get("KRONOS_GATEWAY_EXPORTER_MAX_BYTES", "0")),
-                        help="truncate the log after reading it once it is this large "
-                             "(0: never; the exporter then needs write access)")
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=int(os.environ.get("KRONOS_GATEWAY_EXPORTER_MAX_BYTES", "0")),
+        help="truncate the log after reading it once it is this large (0: never; the exporter then needs write access)",
+    )
     args = parser.parse_args(argv)
 
     metrics = GatewayLogMetrics()
@@ -169,8 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     print(f"exporting {args.log} on http://{args.host}:{args.port}/metrics", flush=True)
     try:
-        run(args.log, metrics, stop, from_start=args.from_start, poll_s=args.poll,
-            max_bytes=args.max_bytes)
+        run(args.log, metrics, stop, from_start=args.from_start, poll_s=args.poll, max_bytes=args.max_bytes)
     finally:
         server.shutdown()
         thread.join(timeout=5)

@@ -1,10 +1,10 @@
 """Run the rendered gateway as a foreground nginx child process (local stacks and tests).
 
-    settings = GatewaySettings(http_port=18000, grpc_port=18001, status_port=18002,
-                               upstream_http=["127.0.0.1:8080"],
-                               upstream_grpc=["127.0.0.1:8081"])
-    with GatewayProcess(settings, prefix=Path("/tmp/gw")) as gateway:
-        ...  # gateway.access_log, gateway.http_url
+settings = GatewaySettings(http_port=18000, grpc_port=18001, status_port=18002,
+                           upstream_http=["127.0.0.1:8080"],
+                           upstream_grpc=["127.0.0.1:8081"])
+with GatewayProcess(settings, prefix=Path("/tmp/gw")) as gateway:
+    ...  # gateway.access_log, gateway.http_url
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 class GatewayProcess:
     """nginx rendered from `settings` into `prefix`, validated, started and stopped."""
 
-    def __init__(self, settings: GatewaySettings, prefix: Path, nginx: str | None = None,
-                 start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, settings: GatewaySettings, prefix: Path, nginx: str | None = None, start_timeout_s: float = 10.0
+    ) -> None:
         self.settings = settings
         self.prefix = prefix.resolve()
         self.nginx = nginx
@@ -68,8 +69,9 @@ class GatewayProcess:
         prepare_prefix(self.settings, self.prefix)
         check_config(self.prefix, self.nginx)
         with self.stderr_path.open("wb") as stderr:
-            self.process = subprocess.Popen(nginx_command(self.prefix, self.nginx),
-                                            stdout=subprocess.DEVNULL, stderr=stderr)
+            self.process = subprocess.Popen(
+                nginx_command(self.prefix, self.nginx), stdout=subprocess.DEVNULL, stderr=stderr
+            )
         try:
             for port in (self.settings.http_port, self.settings.grpc_port):
                 wait_for_port(self._client_host(), port, self.start_timeout_s)
@@ -92,6 +94,7 @@ class GatewayProcess:
     def __enter__(self) -> GatewayProcess:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()

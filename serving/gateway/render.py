@@ -60,27 +60,32 @@ class GatewaySettings(BaseSettings):
     status_port: int = Field(8002, ge=1, le=65535, description="port of /gateway/health")
     upstream_http: CommaList = Field(
         default_factory=lambda: ["127.0.0.1:8080"],
-        description="MLServer REST servers, host:port, comma-separated (one per replica)")
+        description="MLServer REST servers, host:port, comma-separated (one per replica)",
+    )
     upstream_grpc: CommaList = Field(
         default_factory=lambda: ["127.0.0.1:8081"],
-        description="MLServer gRPC servers, host:port, comma-separated (one per replica)")
+        description="MLServer gRPC servers, host:port, comma-separated (one per replica)",
+    )
     allow_cidrs: CommaList = Field(
-        default_factory=lambda: ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12",
-                                 "192.168.0.0/16", "::1/128"],
-        description="client networks allowed to call at all; others get 403")
+        default_factory=lambda: ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "::1/128"],
+        description="client networks allowed to call at all; others get 403",
+    )
     admin_cidrs: CommaList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="networks allowed on the admin surface: model repository (REST and the "
-                    "repository RPCs of both gRPC services), API docs, gRPC reflection")
+        "repository RPCs of both gRPC services), API docs, gRPC reflection",
+    )
     rate_limit: str = Field("20r/s", description="sustained rate per client address (Nr/s, Nr/m)")
     rate_limit_burst: int = Field(40, ge=0, description="requests above the rate let through")
     rate_limit_zone_size: str = Field("10m", description="shared memory for client states")
     max_body_size: str = Field("16m", description="largest request body; larger: 413")
     client_body_buffer_size: str = Field("1m", description="body bytes kept in memory")
     server_deadline_s: float = Field(
-        300.0, gt=0, description="the server's request deadline (KRONOS_DEFAULT_DEADLINE_S)")
+        300.0, gt=0, description="the server's request deadline (KRONOS_DEFAULT_DEADLINE_S)"
+    )
     timeout_margin_s: float = Field(
-        5.0, ge=0, description="extra wait past the deadline, so the server's own answer wins")
+        5.0, ge=0, description="extra wait past the deadline, so the server's own answer wins"
+    )
     connect_timeout_s: float = Field(5.0, gt=0, description="upstream connect timeout")
     client_timeout_s: float = Field(60.0, gt=0, description="client header/body read timeout")
     upstream_keepalive: int = Field(32, ge=1, description="idle upstream connections kept")
@@ -92,8 +97,7 @@ class GatewaySettings(BaseSettings):
     error_log_level: str = Field("warn", description="error log level")
     user: str = Field("", description="worker user; only used when nginx starts as root")
 
-    @field_validator("upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs",
-                     mode="before")
+    @field_validator("upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_commas(value)
@@ -195,8 +199,7 @@ def template_values(settings: GatewaySettings) -> dict[str, str]:
         "rate_limit_burst": str(settings.rate_limit_burst),
         "rate_limit_zone_size": settings.rate_limit_zone_size,
         "access_log": settings.access_log,
-        "access_log_stdout": ("access_log /dev/stdout kronos_json;"
-                              if settings.access_log_stdout else ""),
+        "access_log_stdout": ("access_log /dev/stdout kronos_json;" if settings.access_log_stdout else ""),
         "max_body_size": settings.max_body_size,
         "client_body_buffer_size": settings.client_body_buffer_size,
         "client_timeout_ms": str(_ms(settings.client_timeout_s)),
@@ -248,30 +251,30 @@ def find_nginx() -> str:
 def nginx_command(prefix: Path, nginx: str | None = None, test: bool = False) -> list[str]:
     """The command that runs (or with `test`, validates) nginx from a prepared prefix."""
     prefix = prefix.resolve()
-    command = [nginx or find_nginx(), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
-               "-e", "stderr"]
+    command = [nginx or find_nginx(), "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
     return [*command, "-t", "-q"] if test else command
 
 
 def check_config(prefix: Path, nginx: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run `nginx -t` on the rendered config; raises CalledProcessError when it is invalid."""
-    return subprocess.run(nginx_command(prefix, nginx, test=True), check=True,
-                          capture_output=True, text=True)
+    return subprocess.run(nginx_command(prefix, nginx, test=True), check=True, capture_output=True, text=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Render the config into a prefix, optionally validate it and replace this process."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prefix", type=Path,
-                        default=Path(os.environ.get("KRONOS_GATEWAY_PREFIX",
-                                                    "/tmp/kronos-gateway")),
-                        help="directory for nginx.conf, logs/ and tmp/")
+    parser.add_argument(
+        "--prefix",
+        type=Path,
+        default=Path(os.environ.get("KRONOS_GATEWAY_PREFIX", "/tmp/kronos-gateway")),
+        help="directory for nginx.conf, logs/ and tmp/",
+    )
     parser.add_argument("--nginx", default=None, help="nginx binary (default: found on PATH)")
     parser.add_argument("--check", action="store_true", help="validate with nginx -t")
-    parser.add_argument("--exec", dest="run", action="store_true",
-                        help="then replace this process with nginx (foreground)")
-    parser.add_argument("--print", dest="show", action="store_true",
-                        help="print the rendered config")
+    parser.add_argument(
+        "--exec", dest="run", action="store_true", help="then replace this process with nginx (foreground)"
+    )
+    parser.add_argument("--print", dest="show", action="store_true", help="print the rendered config")
     args = parser.parse_args(argv)
 
     settings = GatewaySettings()

@@ -21,10 +21,10 @@ from serving.local_server import ROOT, LocalServer, register_random_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serving.loadtest.compare",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="64,1",
-                        help="comma-separated max_batch_size values (series generated at once)")
+    parser = argparse.ArgumentParser(prog="python -m serving.loadtest.compare", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--batch-sizes", default="64,1", help="comma-separated max_batch_size values (series generated at once)"
+    )
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--wait", default="0.1,0.5", help="min,max pause between requests (s)")
@@ -45,17 +45,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     wait = tuple(float(v) for v in args.wait.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="kronos-compare-"))
-    lines = [f"{'max_batch_size':>14} {'reqs':>5} {'fail':>5} {'503':>5} {'req/s':>6} "
-             f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak RSS MiB':>12}"]
+    lines = [
+        f"{'max_batch_size':>14} {'reqs':>5} {'fail':>5} {'503':>5} {'req/s':>6} "
+        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak RSS MiB':>12}"
+    ]
     try:
         registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
         for size in (int(v) for v in args.batch_sizes.split(",")):
-            with LocalServer.start(workdir / f"server-{size}", registry.tracking_uri,
-                                   {"KRONOS_TORCH_THREADS": str(args.torch_threads)},
-                                   {"max_batch_size": size}) as stack, RssSampler(stack) as sampler:
+            with (
+                LocalServer.start(
+                    workdir / f"server-{size}",
+                    registry.tracking_uri,
+                    {"KRONOS_TORCH_THREADS": str(args.torch_threads)},
+                    {"max_batch_size": size},
+                ) as stack,
+                RssSampler(stack) as sampler,
+            ):
                 started = time.monotonic()
-                rows = run_locust(stack, args.report_dir / f"batch{size}", args.users,
-                                  args.seconds, (wait[0], wait[-1]), args.max_candles)
+                rows = run_locust(
+                    stack,
+                    args.report_dir / f"batch{size}",
+                    args.users,
+                    args.seconds,
+                    (wait[0], wait[-1]),
+                    args.max_candles,
+                )
                 elapsed = time.monotonic() - started
             ok = accepted(rows)
             done = sum(r.requests - r.failures for r in ok)
@@ -66,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{size:>14} {sum(r.requests for r in ok):>5} {sum(r.failures for r in ok):>5} "
                 f"{sum(r.requests for r in overloaded(rows)):>5} {done / elapsed:>6.2f} "
                 f"{weighted(latency, 'p50'):>7.0f} {weighted(latency, 'p95'):>7.0f} "
-                f"{weighted(latency, 'p99'):>7.0f} {sampler.peak() / MB:>12.0f}")
+                f"{weighted(latency, 'p99'):>7.0f} {sampler.peak() / MB:>12.0f}"
+            )
             print(lines[-1], flush=True)
-        print(f"{args.users} users, {args.seconds} s each, pauses {args.wait} s, "
-              f"{args.preset} demo weights, {args.torch_threads} torch thread(s); req/s = "
-              "answered requests / wall time of the run (incl. the drain of in-flight ones)")
+        print(
+            f"{args.users} users, {args.seconds} s each, pauses {args.wait} s, "
+            f"{args.preset} demo weights, {args.torch_threads} torch thread(s); req/s = "
+            "answered requests / wall time of the run (incl. the drain of in-flight ones)"
+        )
         print("\n".join(lines))
         return 0
     finally:

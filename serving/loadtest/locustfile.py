@@ -66,23 +66,50 @@ class WrongForecastError(Exception):
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any) -> None:
-    parser.add_argument("--grpc-target", env_var="LOADTEST_GRPC_TARGET", default="",
-                        help="host:port of the gRPC server (default: --host's host, port 8081)")
-    parser.add_argument("--wait-min", type=float, env_var="LOADTEST_WAIT_MIN", default=0.5,
-                        help="shortest pause between a user's requests (s)")
-    parser.add_argument("--wait-max", type=float, env_var="LOADTEST_WAIT_MAX", default=2.0,
-                        help="longest pause between a user's requests (s)")
-    parser.add_argument("--max-candles", type=int, env_var="LOADTEST_MAX_CANDLES", default=320,
-                        help="longest history per series (candles)")
-    parser.add_argument("--max-series", type=int, env_var="LOADTEST_MAX_SERIES", default=3,
-                        help="most series per request")
-    parser.add_argument("--payload-seed", type=int, env_var="LOADTEST_SEED", default=0,
-                        help="seed of the payload pool")
-    parser.add_argument("--request-timeout", type=float, env_var="LOADTEST_REQUEST_TIMEOUT",
-                        default=300.0, help="client timeout per request (s)")
-    parser.add_argument("--honor-retry-after", action="store_true",
-                        env_var="LOADTEST_HONOR_RETRY_AFTER",
-                        help="after a 503, pause Retry-After seconds (gRPC: the same 2 s)")
+    parser.add_argument(
+        "--grpc-target",
+        env_var="LOADTEST_GRPC_TARGET",
+        default="",
+        help="host:port of the gRPC server (default: --host's host, port 8081)",
+    )
+    parser.add_argument(
+        "--wait-min",
+        type=float,
+        env_var="LOADTEST_WAIT_MIN",
+        default=0.5,
+        help="shortest pause between a user's requests (s)",
+    )
+    parser.add_argument(
+        "--wait-max",
+        type=float,
+        env_var="LOADTEST_WAIT_MAX",
+        default=2.0,
+        help="longest pause between a user's requests (s)",
+    )
+    parser.add_argument(
+        "--max-candles",
+        type=int,
+        env_var="LOADTEST_MAX_CANDLES",
+        default=320,
+        help="longest history per series (candles)",
+    )
+    parser.add_argument(
+        "--max-series", type=int, env_var="LOADTEST_MAX_SERIES", default=3, help="most series per request"
+    )
+    parser.add_argument("--payload-seed", type=int, env_var="LOADTEST_SEED", default=0, help="seed of the payload pool")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        env_var="LOADTEST_REQUEST_TIMEOUT",
+        default=300.0,
+        help="client timeout per request (s)",
+    )
+    parser.add_argument(
+        "--honor-retry-after",
+        action="store_true",
+        env_var="LOADTEST_HONOR_RETRY_AFTER",
+        help="after a 503, pause Retry-After seconds (gRPC: the same 2 s)",
+    )
 
 
 _pool: list[tuple[Spec, dict[str, Any], Any]] = []
@@ -92,9 +119,10 @@ def payload_pool(environment: Environment | None) -> list[tuple[Spec, dict[str, 
     """(spec, REST body, gRPC request) triples, built once per process."""
     if not _pool:
         opts = getattr(environment, "parsed_options", None)
-        mix = PayloadMix(max_candles=max(PayloadMix.min_candles + 1,
-                                         getattr(opts, "max_candles", PayloadMix.max_candles)),
-                         max_series=getattr(opts, "max_series", PayloadMix.max_series))
+        mix = PayloadMix(
+            max_candles=max(PayloadMix.min_candles + 1, getattr(opts, "max_candles", PayloadMix.max_candles)),
+            max_series=getattr(opts, "max_series", PayloadMix.max_series),
+        )
         rng = random.Random(getattr(opts, "payload_seed", 0))
         for _ in range(POOL_SIZE):
             spec = make_spec(rng, mix)
@@ -162,13 +190,15 @@ class RestUser(KronosUser, HttpUser):
     @task
     def infer(self) -> None:
         spec, body, _ = self.pick()
-        with self.client.post(f"/v2/models/{MODEL_NAME}/infer", json=body, name=REST_NAME,
-                              timeout=self.timeout_s, catch_response=True) as response:
+        with self.client.post(
+            f"/v2/models/{MODEL_NAME}/infer", json=body, name=REST_NAME, timeout=self.timeout_s, catch_response=True
+        ) as response:
             if response.status_code == 503 and "overloaded" in response.text:
                 response.request_meta["name"] = REST_NAME + OVERLOAD_SUFFIX
                 self.refused(response.headers.get("Retry-After"))
-                response.failure(OverloadedResponseError(
-                    f"503 overloaded (Retry-After {response.headers.get('Retry-After')})"))
+                response.failure(
+                    OverloadedResponseError(f"503 overloaded (Retry-After {response.headers.get('Retry-After')})")
+                )
             elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
             else:
@@ -189,8 +219,10 @@ class GrpcUser(KronosUser):
     def on_start(self) -> None:
         from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 
-        options = [("grpc.max_send_message_length", 32 * 1024 * 1024),
-                   ("grpc.max_receive_message_length", 32 * 1024 * 1024)]
+        options = [
+            ("grpc.max_send_message_length", 32 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ]
         self.channel = grpc.insecure_channel(grpc_target(self.environment), options=options)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
@@ -219,5 +251,10 @@ class GrpcUser(KronosUser):
                 exception = RuntimeError(f"{code.name}: {details[:200]}")
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=elapsed_ms, response_length=length,
-            exception=exception, context={})
+            request_type="grpc",
+            name=name,
+            response_time=elapsed_ms,
+            response_length=length,
+            exception=exception,
+            context={},
+        )

@@ -73,12 +73,16 @@ def candle_pool() -> dict[str, pd.DataFrame]:
     pool = {}
     for name, (folder, file) in _INDEX_FILES.items():
         raw = pd.read_csv(data_dir / folder / file)
-        pool[name] = pd.DataFrame({
-            "series_id": name,
-            "timestamp": pd.DatetimeIndex(pd.to_datetime(raw["Date"])),
-            **{column.lower(): pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype=float)
-               for column in ("Open", "High", "Low", "Close", "Volume")},
-        })
+        pool[name] = pd.DataFrame(
+            {
+                "series_id": name,
+                "timestamp": pd.DatetimeIndex(pd.to_datetime(raw["Date"])),
+                **{
+                    column.lower(): pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype=float)
+                    for column in ("Open", "High", "Low", "Close", "Volume")
+                },
+            }
+        )
     return pool
 
 
@@ -88,7 +92,7 @@ def window(rng: random.Random, length: int, index: str | None = None) -> pd.Data
     name = index or rng.choice(INDEXES)
     frame = pool[name]
     start = rng.randrange(0, len(frame) - length)
-    part = frame.iloc[start:start + length].reset_index(drop=True)
+    part = frame.iloc[start : start + length].reset_index(drop=True)
     part["series_id"] = f"{name}@{part['timestamp'].iloc[0]:%Y-%m-%d}"
     return part
 
@@ -100,8 +104,9 @@ def sample_params(rng: random.Random, mix: PayloadMix) -> Params:
         params["top_k"] = 1
         return params
     samples = rng.choice(mix.sample_counts)
-    params.update(temperature=round(rng.uniform(0.7, 1.3), 2), top_p=0.9,
-                  sample_count=samples, seed=rng.randrange(1_000_000))
+    params.update(
+        temperature=round(rng.uniform(0.7, 1.3), 2), top_p=0.9, sample_count=samples, seed=rng.randrange(1_000_000)
+    )
     if samples > 1 and rng.random() < mix.quantile_share:
         params["quantiles"] = list(QUANTILE_LEVELS)
     return params
@@ -128,15 +133,25 @@ def rest_body(spec: Spec) -> dict[str, Any]:
     frame = spec.history
     n = len(frame)
     inputs: list[dict[str, Any]] = [
-        {"name": "series_id", "datatype": "BYTES", "shape": [n, 1],
-         "parameters": {"content_type": "str"}, "data": frame["series_id"].tolist()},
-        {"name": "timestamp", "datatype": "BYTES", "shape": [n, 1],
-         "parameters": {"content_type": "datetime"},
-         "data": [t.isoformat() for t in pd.DatetimeIndex(frame["timestamp"])]},
+        {
+            "name": "series_id",
+            "datatype": "BYTES",
+            "shape": [n, 1],
+            "parameters": {"content_type": "str"},
+            "data": frame["series_id"].tolist(),
+        },
+        {
+            "name": "timestamp",
+            "datatype": "BYTES",
+            "shape": [n, 1],
+            "parameters": {"content_type": "datetime"},
+            "data": [t.isoformat() for t in pd.DatetimeIndex(frame["timestamp"])],
+        },
     ]
     for column in frame.columns[2:]:
-        inputs.append({"name": column, "datatype": "FP64", "shape": [n, 1],
-                       "data": frame[column].astype(float).tolist()})
+        inputs.append(
+            {"name": column, "datatype": "FP64", "shape": [n, 1], "data": frame[column].astype(float).tolist()}
+        )
     return {"inputs": inputs, "parameters": {"content_type": "pd", **spec.params}}
 
 

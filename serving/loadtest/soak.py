@@ -58,6 +58,7 @@ MB = 1024 * 1024
 
 # -- what the load costs ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LoadCost:
     """The costliest request of the load and the server settings sized from it."""
@@ -74,8 +75,10 @@ class LoadCost:
         return math.ceil(self.worst_bytes / MB)
 
     def describe(self) -> str:
-        return (f"{self.worst_bytes / MB:.1f} MiB for {self.series} series x {self.candles} "
-                f"candles -> {self.pred_len} steps x {self.sample_count} paths")
+        return (
+            f"{self.worst_bytes / MB:.1f} MiB for {self.series} series x {self.candles} "
+            f"candles -> {self.pred_len} steps x {self.sample_count} paths"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -86,8 +89,7 @@ def load_cost(preset: str, max_series: int, max_candles: int) -> LoadCost:
     from serving.loadtest.payloads import PayloadMix
 
     # the locustfile's mix (see `payload_pool`): windows of min_candles..max_candles
-    mix = PayloadMix(max_candles=max(PayloadMix.min_candles + 1, max_candles),
-                     max_series=max_series)
+    mix = PayloadMix(max_candles=max(PayloadMix.min_candles + 1, max_candles), max_series=max_series)
     pred_len, paths = max(mix.horizons), max(mix.sample_counts)
     forecaster = shape_forecaster(random_shape(preset))
     cost = request_cost(forecaster, [mix.max_candles] * mix.max_series, pred_len, paths)
@@ -112,13 +114,16 @@ def server_env(args: argparse.Namespace, cost: LoadCost) -> dict[str, str]:
     from serving.batcher import BatcherConfig
 
     running_mb = max(cost.request_mb, math.ceil(BatcherConfig().running_budget_bytes / MB))
-    return {"KRONOS_QUEUE_BUDGET_MB": str(args.queue_budget_mb),
-            "KRONOS_MAX_REQUEST_MEMORY_MB": str(cost.request_mb),
-            "KRONOS_RUNNING_BUDGET_MB": str(running_mb),
-            "KRONOS_TORCH_THREADS": str(args.torch_threads)}
+    return {
+        "KRONOS_QUEUE_BUDGET_MB": str(args.queue_budget_mb),
+        "KRONOS_MAX_REQUEST_MEMORY_MB": str(cost.request_mb),
+        "KRONOS_RUNNING_BUDGET_MB": str(running_mb),
+        "KRONOS_TORCH_THREADS": str(args.torch_threads),
+    }
 
 
 # -- running Locust --------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -134,23 +139,62 @@ class Row:
     max: float
 
 
-def run_locust(stack: LocalServer, prefix: Path, users: int, seconds: int, wait: tuple[float, float],
-               max_candles: int, seed: int = 0, extra_env: dict[str, str] | None = None,
-               stop_timeout_s: int = 120) -> dict[str, Row]:
+def run_locust(
+    stack: LocalServer,
+    prefix: Path,
+    users: int,
+    seconds: int,
+    wait: tuple[float, float],
+    max_candles: int,
+    seed: int = 0,
+    extra_env: dict[str, str] | None = None,
+    stop_timeout_s: int = 120,
+) -> dict[str, Row]:
     """Run the locustfile headless for `seconds`; returns its stats rows by name."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [venv_script("locust"), "-f", str(LOCUSTFILE), "--headless",
-           "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
-           "--stop-timeout", str(stop_timeout_s), "--only-summary",
-           "--host", stack.url, "--grpc-target", stack.grpc_target,
-           "--wait-min", str(wait[0]), "--wait-max", str(wait[1]),
-           "--max-candles", str(max_candles), "--payload-seed", str(seed),
-           "--csv", str(prefix), "--html", f"{prefix}.html"]
+    cmd = [
+        venv_script("locust"),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--stop-timeout",
+        str(stop_timeout_s),
+        "--only-summary",
+        "--host",
+        stack.url,
+        "--grpc-target",
+        stack.grpc_target,
+        "--wait-min",
+        str(wait[0]),
+        "--wait-max",
+        str(wait[1]),
+        "--max-candles",
+        str(max_candles),
+        "--payload-seed",
+        str(seed),
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCUST_", "LOADTEST_"))}
     env.update(extra_env or {})
     with (prefix.parent / f"{prefix.name}.log").open("wb") as out:
-        subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                       timeout=seconds + stop_timeout_s + 120, check=False)
+        subprocess.run(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            timeout=seconds + stop_timeout_s + 120,
+            check=False,
+        )
     return read_stats(Path(f"{prefix}_stats.csv"))
 
 
@@ -161,16 +205,26 @@ def read_stats(path: Path) -> dict[str, Row]:
     rows = {}
     with path.open() as handle:
         for rec in csv.DictReader(handle):
+
             def num(key: str, rec: dict[str, str] = rec) -> float:
                 value = rec.get(key) or "0"
                 return float(value) if value != "N/A" else 0.0
-            rows[rec["Name"]] = Row(rec["Name"], int(num("Request Count")),
-                                    int(num("Failure Count")), num("Requests/s"), num("50%"),
-                                    num("95%"), num("99%"), num("Max Response Time"))
+
+            rows[rec["Name"]] = Row(
+                rec["Name"],
+                int(num("Request Count")),
+                int(num("Failure Count")),
+                num("Requests/s"),
+                num("50%"),
+                num("95%"),
+                num("99%"),
+                num("Max Response Time"),
+            )
     return rows
 
 
 # -- memory sampling -------------------------------------------------------------------------
+
 
 @dataclass
 class RssSampler:
@@ -209,6 +263,7 @@ class RssSampler:
 
 # -- the soak --------------------------------------------------------------------------------
 
+
 def accepted(rows: dict[str, Row]) -> list[Row]:
     return [r for n, r in rows.items() if n != "Aggregated" and not n.endswith(OVERLOAD_SUFFIX)]
 
@@ -219,26 +274,30 @@ def overloaded(rows: dict[str, Row]) -> list[Row]:
 
 def summary(phases: dict[str, dict[str, Row]], sampler: RssSampler) -> str:
     """A plain-text table: one line per phase and request name."""
-    lines = [f"{'phase':<6} {'name':<34} {'reqs':>6} {'fail':>5} {'req/s':>6} "
-             f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}"]
+    lines = [
+        f"{'phase':<6} {'name':<34} {'reqs':>6} {'fail':>5} {'req/s':>6} "
+        f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+    ]
     for phase, rows in phases.items():
         total = sum(r.requests for r in accepted(rows) + overloaded(rows))
         refused = sum(r.requests for r in overloaded(rows))
         for row in rows.values():
             if row.name == "Aggregated":
                 continue
-            lines.append(f"{phase:<6} {row.name:<34} {row.requests:>6} {row.failures:>5} "
-                         f"{row.rps:>6.2f} {row.p50:>7.0f} {row.p95:>7.0f} {row.p99:>7.0f} "
-                         f"{row.max:>7.0f}")
+            lines.append(
+                f"{phase:<6} {row.name:<34} {row.requests:>6} {row.failures:>5} "
+                f"{row.rps:>6.2f} {row.p50:>7.0f} {row.p95:>7.0f} {row.p99:>7.0f} "
+                f"{row.max:>7.0f}"
+            )
         share = refused / total if total else 0.0
-        lines.append(f"{phase:<6} {'503 share':<34} {refused}/{total} = {share:.1%}; "
-                     f"peak RSS {sampler.peak(phase) / MB:.0f} MiB")
+        lines.append(
+            f"{phase:<6} {'503 share':<34} {refused}/{total} = {share:.1%}; peak RSS {sampler.peak(phase) / MB:.0f} MiB"
+        )
     lines.append(f"peak RSS of the mlserver process tree over the run: {sampler.peak() / MB:.0f} MiB")
     return "\n".join(lines)
 
 
-def check(phases: dict[str, dict[str, Row]], rss_after_below: int, rss_end: int,
-          args: argparse.Namespace) -> list[str]:
+def check(phases: dict[str, dict[str, Row]], rss_after_below: int, rss_end: int, args: argparse.Namespace) -> list[str]:
     """The soak's acceptance rules; returns the violations."""
     problems = []
     below, above = phases["below"], phases["above"]
@@ -249,22 +308,18 @@ def check(phases: dict[str, dict[str, Row]], rss_after_below: int, rss_end: int,
         problems.append(f"below capacity: {failed} failed requests (want 0)")
     refused = overloaded(above)
     if not refused or sum(r.requests for r in refused) == 0:
-        problems.append("above capacity: no 503 at all (raise --above-users or lower "
-                        "--queue-budget-mb)")
+        problems.append("above capacity: no 503 at all (raise --above-users or lower --queue-budget-mb)")
     for row in refused:
         if row.p95 > args.max_503_p95_s * 1000:
-            problems.append(f"above capacity: {row.name} p95 {row.p95:.0f} ms > "
-                            f"{args.max_503_p95_s * 1000:.0f} ms")
+            problems.append(f"above capacity: {row.name} p95 {row.p95:.0f} ms > {args.max_503_p95_s * 1000:.0f} ms")
     for row in accepted(above):
         if row.failures:
-            problems.append(f"above capacity: {row.failures} accepted {row.name} requests "
-                            "failed (want 0)")
+            problems.append(f"above capacity: {row.failures} accepted {row.name} requests failed (want 0)")
     if sum(r.requests - r.failures for r in accepted(above)) == 0:
         problems.append("above capacity: no request was accepted and answered")
     growth = (rss_end - rss_after_below) / MB
     if growth > args.max_rss_growth_mb:
-        problems.append(f"RSS grew {growth:.0f} MiB after phase 'below' "
-                        f"(bound {args.max_rss_growth_mb} MiB)")
+        problems.append(f"RSS grew {growth:.0f} MiB after phase 'below' (bound {args.max_rss_growth_mb} MiB)")
     return problems
 
 
@@ -275,42 +330,58 @@ def final_forecast(stack: LocalServer) -> bool:
     from serving.loadtest.payloads import PayloadMix, expected_rows, make_spec, rest_body
 
     spec = make_spec(random.Random(7), PayloadMix(max_candles=64, max_series=1))
-    reply = httpx.post(f"{stack.url}/v2/models/{MODEL_NAME}/infer", json=rest_body(spec),
-                       timeout=120)
-    return (reply.status_code == 200
-            and int(reply.json()["outputs"][0]["shape"][0]) == expected_rows(spec))
+    reply = httpx.post(f"{stack.url}/v2/models/{MODEL_NAME}/infer", json=rest_body(spec), timeout=120)
+    return reply.status_code == 200 and int(reply.json()["outputs"][0]["shape"][0]) == expected_rows(spec)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m serving.loadtest.soak",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=int(os.environ.get("SOAK_SECONDS", 60)),
-                        help="length of each phase (s); SOAK_SECONDS")
-    parser.add_argument("--queue-budget-mb", type=float, default=0.0,
-                        help="KRONOS_QUEUE_BUDGET_MB of the soaked server (MiB of queued "
-                             "requests' cost); 0 = below-users x the load's costliest request")
-    parser.add_argument("--below-users", type=int, default=2,
-                        help="users of phase 'below' (all their costliest requests must fit "
-                             "the queue budget)")
+    parser = argparse.ArgumentParser(prog="python -m serving.loadtest.soak", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        default=int(os.environ.get("SOAK_SECONDS", 60)),
+        help="length of each phase (s); SOAK_SECONDS",
+    )
+    parser.add_argument(
+        "--queue-budget-mb",
+        type=float,
+        default=0.0,
+        help="KRONOS_QUEUE_BUDGET_MB of the soaked server (MiB of queued "
+        "requests' cost); 0 = below-users x the load's costliest request",
+    )
+    parser.add_argument(
+        "--below-users",
+        type=int,
+        default=2,
+        help="users of phase 'below' (all their costliest requests must fit the queue budget)",
+    )
     parser.add_argument("--above-users", type=int, default=12, help="users of phase 'above'")
     parser.add_argument("--max-series", type=int, default=3, help="most series per request")
     parser.add_argument("--max-candles", type=int, default=256, help="longest history (candles)")
-    parser.add_argument("--preset", default="small",
-                        help="demo weights shape: tiny, mini, small, base")
-    parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="max_batch_size (series generated at once; 1 = batching off; 0 = "
-                             "the shipped model-settings.json). The server holds this many "
-                             "series in generation plus the queue, so a small value keeps "
-                             "phase 'above' over capacity")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="KRONOS_TORCH_THREADS (1 leaves a core to the event loop)")
-    parser.add_argument("--max-rss-growth-mb", type=float, default=300.0,
-                        help="allowed RSS growth from the end of phase 'below' to the end")
-    parser.add_argument("--max-503-p95-s", type=float, default=1.0,
-                        help="allowed p95 latency of 503 answers (s)")
+    parser.add_argument("--preset", default="small", help="demo weights shape: tiny, mini, small, base")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="max_batch_size (series generated at once; 1 = batching off; 0 = "
+        "the shipped model-settings.json). The server holds this many "
+        "series in generation plus the queue, so a small value keeps "
+        "phase 'above' over capacity",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="KRONOS_TORCH_THREADS (1 leaves a core to the event loop)"
+    )
+    parser.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=300.0,
+        help="allowed RSS growth from the end of phase 'below' to the end",
+    )
+    parser.add_argument("--max-503-p95-s", type=float, default=1.0, help="allowed p95 latency of 503 answers (s)")
     parser.add_argument("--report-dir", type=Path, default=ROOT / "loadtest-reports" / "soak")
-    parser.add_argument("--honor-retry-after", action="store_true",
-                        help="users pause Retry-After seconds after a 503 (default: retry)")
+    parser.add_argument(
+        "--honor-retry-after", action="store_true", help="users pause Retry-After seconds after a 503 (default: retry)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir")
     args = parser.parse_args(argv)
     try:
@@ -330,22 +401,28 @@ def budget_problems(args: argparse.Namespace, cost: LoadCost) -> list[str]:
     budget = args.queue_budget_mb * MB
     problems = []
     if cost.request_mb * MB > budget:
-        problems.append(f"the load's costliest request ({cost.describe()}) needs a per-request "
-                        f"budget of {cost.request_mb} MiB, over --queue-budget-mb "
-                        f"{args.queue_budget_mb:g}: raise it")
+        problems.append(
+            f"the load's costliest request ({cost.describe()}) needs a per-request "
+            f"budget of {cost.request_mb} MiB, over --queue-budget-mb "
+            f"{args.queue_budget_mb:g}: raise it"
+        )
     if args.below_users * cost.worst_bytes > budget:
-        problems.append(f"phase 'below' could fill the queue: below-users x the costliest "
-                        f"request = {args.below_users} x {cost.worst_bytes / MB:.1f} MiB > "
-                        f"--queue-budget-mb {args.queue_budget_mb:g}")
+        problems.append(
+            f"phase 'below' could fill the queue: below-users x the costliest "
+            f"request = {args.below_users} x {cost.worst_bytes / MB:.1f} MiB > "
+            f"--queue-budget-mb {args.queue_budget_mb:g}"
+        )
     # every running request holds at least one of the batch's series, so at most that many
     # requests run at once: only the other users' requests can be queued
     queued = args.above_users - batch_series(args.max_batch_size)
     if queued * cost.worst_bytes <= budget:
-        problems.append(f"phase 'above' can never fill the queue: (above-users - series "
-                        f"running at once) x the costliest request = {max(queued, 0)} x "
-                        f"{cost.worst_bytes / MB:.1f} MiB <= --queue-budget-mb "
-                        f"{args.queue_budget_mb:g} (raise --above-users or lower "
-                        "--max-batch-size)")
+        problems.append(
+            f"phase 'above' can never fill the queue: (above-users - series "
+            f"running at once) x the costliest request = {max(queued, 0)} x "
+            f"{cost.worst_bytes / MB:.1f} MiB <= --queue-budget-mb "
+            f"{args.queue_budget_mb:g} (raise --above-users or lower "
+            "--max-batch-size)"
+        )
     return problems
 
 
@@ -359,27 +436,35 @@ def main(argv: list[str] | None = None) -> int:
         registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
         settings = {"max_batch_size": args.max_batch_size} if args.max_batch_size else None
         started = time.monotonic()
-        stack = LocalServer.start(workdir / "server", registry.tracking_uri,
-                                  server_env(args, cost), settings)
-        print(f"soak: mlserver ready in {time.monotonic() - started:.0f} s on {stack.url} "
-              f"(gRPC {stack.grpc_target}), queue budget {args.queue_budget_mb:g} MiB, "
-              f"per-request budget {cost.request_mb} MiB (costliest request of the load: "
-              f"{cost.describe()})", flush=True)
+        stack = LocalServer.start(workdir / "server", registry.tracking_uri, server_env(args, cost), settings)
+        print(
+            f"soak: mlserver ready in {time.monotonic() - started:.0f} s on {stack.url} "
+            f"(gRPC {stack.grpc_target}), queue budget {args.queue_budget_mb:g} MiB, "
+            f"per-request budget {cost.request_mb} MiB (costliest request of the load: "
+            f"{cost.describe()})",
+            flush=True,
+        )
         phases: dict[str, dict[str, Row]] = {}
         args.report_dir.mkdir(parents=True, exist_ok=True)
-        load = {"max_candles": args.max_candles,
-                "extra_env": {"LOADTEST_MAX_SERIES": str(args.max_series),
-                              "LOADTEST_HONOR_RETRY_AFTER": str(args.honor_retry_after).lower()}}
+        load = {
+            "max_candles": args.max_candles,
+            "extra_env": {
+                "LOADTEST_MAX_SERIES": str(args.max_series),
+                "LOADTEST_HONOR_RETRY_AFTER": str(args.honor_retry_after).lower(),
+            },
+        }
         with RssSampler(stack) as sampler:
             sampler.phase = "below"
             print(f"soak: phase below: {args.below_users} users, {args.seconds} s", flush=True)
-            phases["below"] = run_locust(stack, args.report_dir / "below", args.below_users,
-                                         args.seconds, (0.2, 1.0), **load)
+            phases["below"] = run_locust(
+                stack, args.report_dir / "below", args.below_users, args.seconds, (0.2, 1.0), **load
+            )
             rss_after_below = sampler.now()
             sampler.phase = "above"
             print(f"soak: phase above: {args.above_users} users, {args.seconds} s", flush=True)
-            phases["above"] = run_locust(stack, args.report_dir / "above", args.above_users,
-                                         args.seconds, (0.05, 0.3), seed=1, **load)
+            phases["above"] = run_locust(
+                stack, args.report_dir / "above", args.above_users, args.seconds, (0.05, 0.3), seed=1, **load
+            )
             sampler.phase = "after"
             stack.wait_idle(timeout_s=300)  # requests still running hold their caches
             time.sleep(3)
@@ -390,9 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         elif not final_forecast(stack):
             problems.append("a forecast after the soak failed")
         print(summary(phases, sampler))
-        print(f"RSS after phase below {rss_after_below / MB:.0f} MiB, at the end "
-              f"{rss_end / MB:.0f} MiB (bound +{args.max_rss_growth_mb:.0f} MiB); "
-              f"reports in {args.report_dir}")
+        print(
+            f"RSS after phase below {rss_after_below / MB:.0f} MiB, at the end "
+            f"{rss_end / MB:.0f} MiB (bound +{args.max_rss_growth_mb:.0f} MiB); "
+            f"reports in {args.report_dir}"
+        )
         for problem in problems:
             print(f"SOAK FAILED: {problem}")
         if not problems:

@@ -25,8 +25,24 @@ ALERTS_PATH = MONITORING_DIR / "alerts.yml"
 DASHBOARDS_DIR = MONITORING_DIR / "grafana" / "dashboards"
 NAMES_PATH = MONITORING_DIR / "metric_names.txt"
 
-_KEYWORDS = frozenset({"and", "or", "unless", "bool", "by", "without", "on", "ignoring",
-                       "group_left", "group_right", "offset", "inf", "nan", "atan2"})
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "inf",
+        "nan",
+        "atan2",
+    }
+)
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGES = re.compile(r"\[[^\[\]]*\]")
@@ -48,7 +64,7 @@ def promql_metric_names(expr: str) -> set[str]:
     text = _NUMBERS.sub(" ", text)
     names = set()
     for match in _IDENTIFIER.finditer(text):
-        following = text[match.end():].lstrip()
+        following = text[match.end() :].lstrip()
         if following.startswith("("):
             continue  # a function or aggregation
         if match.group().lower() in _KEYWORDS:
@@ -71,7 +87,7 @@ def _panels(panels: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def dashboard_expressions(directory: Path = DASHBOARDS_DIR) -> list[str]:
     """The `expr` of every target of every panel of every dashboard JSON in `directory`."""
-    exprs = []
+    exprs: list[str] = []
     for path in sorted(directory.glob("*.json")):
         dashboard = json.loads(path.read_text())
         for panel in _panels(dashboard.get("panels", [])):
@@ -79,8 +95,7 @@ def dashboard_expressions(directory: Path = DASHBOARDS_DIR) -> list[str]:
     return exprs
 
 
-def metric_names_used(alerts: Path = ALERTS_PATH, dashboards: Path = DASHBOARDS_DIR
-                      ) -> list[str]:
+def metric_names_used(alerts: Path = ALERTS_PATH, dashboards: Path = DASHBOARDS_DIR) -> list[str]:
     """Sorted metric names read by the alert rules and the dashboards."""
     names: set[str] = set()
     for expr in alert_expressions(alerts) + dashboard_expressions(dashboards):
@@ -90,8 +105,7 @@ def metric_names_used(alerts: Path = ALERTS_PATH, dashboards: Path = DASHBOARDS_
 
 def model_server_metric_names() -> list[str]:
     """The names a live MLServer /metrics must export (not `up`, not the gateway's)."""
-    return [name for name in metric_names_used()
-            if name != "up" and not name.startswith("kronos_gateway_")]
+    return [name for name in metric_names_used() if name != "up" and not name.startswith("kronos_gateway_")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

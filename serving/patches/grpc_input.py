@@ -37,8 +37,20 @@ from ..logs import REQUEST_ID_HEADER, current_request_id, well_formed_request_id
 DOUBLE_PARAM_FIELD = 4
 UINT64_PARAM_FIELD = 5
 _FIXED64, _VARINT = 1, 0
-_ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2,
-               "INT32": 4, "INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8}
+_ITEM_BYTES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
+}
 _PATCHED = "__kronos_patched__"
 
 
@@ -50,15 +62,14 @@ def install() -> None:
     """Replace MLServer's request conversion with the strict one (idempotent)."""
     if getattr(converters.ModelInferRequestConverter, _PATCHED, False):
         return
-    original = converters.ModelInferRequestConverter.to_types.__func__  # type: ignore[attr-defined]
+    original = converters.ModelInferRequestConverter.to_types.__func__
 
     def to_types(cls: type, pb_object: pb.ModelInferRequest) -> Any:
         check_request(pb_object)
         return original(cls, pb_object)
 
-    converters.ModelInferRequestConverter.to_types = classmethod(to_types)  # type: ignore[assignment]
-    converters.ParametersConverter.to_types = classmethod(  # type: ignore[assignment]
-        lambda cls, pb_object: parameters(pb_object))
+    converters.ModelInferRequestConverter.to_types = classmethod(to_types)
+    converters.ParametersConverter.to_types = classmethod(lambda cls, pb_object: parameters(pb_object))
     servicers.InferenceServicer._InsertHeaders = _insert_headers  # noqa: SLF001
     setattr(converters.ModelInferRequestConverter, _PATCHED, True)
 
@@ -96,7 +107,8 @@ def parameter_value(name: str, parameter: pb.InferParameter) -> Any:
             return int(field.data)
         raise InvalidGrpcRequestError(
             f"parameters.{name}: unsupported parameter field {field.field_number} (supported: "
-            "bool_param, int64_param, string_param, double_param, uint64_param)")
+            "bool_param, int64_param, string_param, double_param, uint64_param)"
+        )
     choice = parameter.WhichOneof("parameter_choice")
     return None if choice is None else getattr(parameter, choice)
 
@@ -114,8 +126,10 @@ def check_request(request: pb.ModelInferRequest) -> None:
     """Refuse tensors whose contents disagree with their datatype or shape."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise InvalidGrpcRequestError(f"raw_input_contents: {len(raw)} buffers for {len(request.inputs)} "
-                                 "inputs (raw contents come for every input or none)")
+        raise InvalidGrpcRequestError(
+            f"raw_input_contents: {len(raw)} buffers for {len(request.inputs)} "
+            "inputs (raw contents come for every input or none)"
+        )
     for index, tensor in enumerate(request.inputs):
         name = f"inputs[{index}] ({tensor.name!r})" if tensor.name else f"inputs[{index}]"
         try:
@@ -136,8 +150,9 @@ def check_request(request: pb.ModelInferRequest) -> None:
         present = [field.name for field, _ in tensor.contents.ListFields()]
         wrong = [field for field in present if field != expected]
         if wrong:
-            raise InvalidGrpcRequestError(f"{name}.contents: datatype {datatype.value} travels in "
-                                     f"{expected}, got {', '.join(wrong)}")
+            raise InvalidGrpcRequestError(
+                f"{name}.contents: datatype {datatype.value} travels in {expected}, got {', '.join(wrong)}"
+            )
 
 
 def _check_raw(name: str, datatype: Datatype, elements: int, buffer: bytes) -> None:
@@ -156,5 +171,6 @@ def _check_raw(name: str, datatype: Datatype, elements: int, buffer: bytes) -> N
         return
     itemsize = _ITEM_BYTES[datatype.value]
     if len(buffer) != elements * itemsize:
-        raise InvalidGrpcRequestError(f"{name}: raw contents have {len(buffer)} bytes, shape and {datatype.value} "
-                                 f"need {elements * itemsize}")
+        raise InvalidGrpcRequestError(
+            f"{name}: raw contents have {len(buffer)} bytes, shape and {datatype.value} need {elements * itemsize}"
+        )

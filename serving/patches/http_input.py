@@ -42,9 +42,20 @@ REQUEST_ID_HEADER = b"x-request-id"
 BINARY_HEADER = b"inference-header-content-length"
 INFERENCE_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)$|^/invocations$")
 MAX_BINARY_HEADER_BYTES = 64 << 20
-_NUMPY_TYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-                "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2",
-                "FP32": "<f4", "FP64": "<f8"}
+_NUMPY_TYPES = {
+    "BOOL": "?",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
 _PATCHED = "__kronos_patched__"
 
 
@@ -176,9 +187,13 @@ async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive
 
 async def _answer_400(send: Send, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -196,8 +211,9 @@ def binary_to_json(scope: Scope, body: bytes) -> bytes:
     except ValueError:
         raise BadBodyError("Inference-Header-Content-Length: must be an integer") from None
     if not 0 <= header_size <= min(len(body), MAX_BINARY_HEADER_BYTES):
-        raise BadBodyError(f"Inference-Header-Content-Length: must be between 0 and the body's "
-                      f"{len(body)} bytes, got {header_size}")
+        raise BadBodyError(
+            f"Inference-Header-Content-Length: must be between 0 and the body's {len(body)} bytes, got {header_size}"
+        )
     try:
         request = json.loads(body[:header_size])
     except (ValueError, RecursionError) as exc:
@@ -233,7 +249,7 @@ def _inline_tensor(index: int, tensor: dict[str, Any], body: bytes, offset: int)
     size = parameters.pop("binary_data_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(body):
         raise BadBodyError(f"{where}.parameters.binary_data_size: must be an integer within the body, got {size!r}")
-    chunk = body[offset: offset + size]
+    chunk = body[offset : offset + size]
     datatype = tensor.get("datatype")
     if datatype == "BYTES":
         tensor["data"] = _bytes_elements(where, chunk)
@@ -251,7 +267,8 @@ def _inline_tensor(index: int, tensor: dict[str, Any], body: bytes, offset: int)
 
 def _bytes_elements(where: str, chunk: bytes) -> list[str]:
     """BYTES elements (4-byte little-endian length, then the bytes) as UTF-8 text."""
-    elements, offset = [], 0
+    elements: list[str] = []
+    offset = 0
     while offset < len(chunk):
         if offset + 4 > len(chunk):
             raise BadBodyError(f"{where}: BYTES element {len(elements)} has a truncated length")
@@ -260,7 +277,7 @@ def _bytes_elements(where: str, chunk: bytes) -> list[str]:
         if offset + size > len(chunk):
             raise BadBodyError(f"{where}: BYTES element {len(elements)} is longer than its data")
         try:
-            elements.append(chunk[offset: offset + size].decode("utf-8"))
+            elements.append(chunk[offset : offset + size].decode("utf-8"))
         except UnicodeDecodeError:
             raise BadBodyError(f"{where}: BYTES element {len(elements)} is not valid UTF-8") from None
         offset += size

@@ -24,17 +24,19 @@ def install() -> None:
     original_infer = DataPlane.infer
     original_stream = DataPlane.infer_stream
 
-    async def infer(self: DataPlane, payload: InferenceRequest, name: str, version: str | None = None
-                    ) -> InferenceResponse:
+    async def infer(
+        self: DataPlane, payload: InferenceRequest, name: str, version: str | None = None
+    ) -> InferenceResponse:
         await self._model_registry.get_model(name, version)  # noqa: SLF001 - ModelNotFound (404)
         return await original_infer(self, payload, name, version)
 
-    async def infer_stream(self: DataPlane, payloads: AsyncIterator[InferenceRequest], name: str,
-                           version: str | None = None) -> AsyncIterator[InferenceResponse]:
+    async def infer_stream(
+        self: DataPlane, payloads: AsyncIterator[InferenceRequest], name: str, version: str | None = None
+    ) -> AsyncIterator[InferenceResponse]:
         await self._model_registry.get_model(name, version)  # noqa: SLF001
         async for response in original_stream(self, payloads, name, version):
             yield response
 
-    DataPlane.infer = infer  # type: ignore[method-assign]
-    DataPlane.infer_stream = infer_stream  # type: ignore[method-assign, assignment]
+    DataPlane.infer = infer
+    DataPlane.infer_stream = infer_stream
     setattr(DataPlane, _PATCHED, True)

@@ -31,10 +31,10 @@ def install() -> None:
             failed = failed or sig is None
             await original_stop(sig)
 
-        self.stop = stop  # type: ignore[method-assign]
+        self.stop = stop
         await original_start(self, models_settings or [])
         if failed:
             raise SystemExit(STARTUP_FAILED_EXIT)
 
-    MLServer.start = start  # type: ignore[method-assign]
+    MLServer.start = start
     setattr(MLServer, _PATCHED, True)

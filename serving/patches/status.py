@@ -37,11 +37,12 @@ def install(retry_after_s: int) -> None:
     """Install the additions (safe to call any number of times; the last Retry-After wins)."""
     global _retry_after_s
     _retry_after_s = retry_after_s
-    for http_status, code in ((status.HTTP_503_SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
-                              (status.HTTP_504_GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
-                              (status.HTTP_408_REQUEST_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
-                              (status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-                               grpc.StatusCode.RESOURCE_EXHAUSTED)):
+    for http_status, code in (
+        (status.HTTP_503_SERVICE_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (status.HTTP_504_GATEWAY_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (status.HTTP_408_REQUEST_TIMEOUT, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ):
         grpc_utils.STATUS_CODE_MAPPING.setdefault(http_status, code)
     rest_errors._EXCEPTION_HANDLERS[RequestValidationError] = bad_request_body  # noqa: SLF001
     rest_errors._EXCEPTION_HANDLERS[MLServerError] = mlserver_error  # noqa: SLF001
@@ -103,14 +104,15 @@ async def mlserver_error(request: Request, exc: Exception) -> Any:
 def log_answer(http_status: int, message: str) -> None:
     """One WARNING line for a client-side answer given outside the runtime (the request id
     comes from `serving.logs.current_request_id`)."""
-    logger.warning("answered %s: %s", http_status, message[:MAX_DETAIL_CHARS],
-                   extra={"status": http_status})
+    logger.warning("answered %s: %s", http_status, message[:MAX_DETAIL_CHARS], extra={"status": http_status})
 
 
 def is_client_side(exc: BaseException | None) -> bool:
     """An error that answers a request as the contract says (4xx, 503, 504), not a failure."""
-    return isinstance(exc, MLServerError) and (exc.status_code < 500 or exc.status_code in (
-        status.HTTP_503_SERVICE_UNAVAILABLE, status.HTTP_504_GATEWAY_TIMEOUT))
+    return isinstance(exc, MLServerError) and (
+        exc.status_code < 500
+        or exc.status_code in (status.HTTP_503_SERVICE_UNAVAILABLE, status.HTTP_504_GATEWAY_TIMEOUT)
+    )
 
 
 def is_relayed(exc: BaseException | None) -> bool:
@@ -131,6 +133,5 @@ class ClientErrorFilter(logging.Filter):
         assert exc is not None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg, record.args = "answered %s: %s", (getattr(exc, "status_code", "?"),
-                                                      str(exc)[:MAX_DETAIL_CHARS])
+        record.msg, record.args = "answered %s: %s", (getattr(exc, "status_code", "?"), str(exc)[:MAX_DETAIL_CHARS])
         return True

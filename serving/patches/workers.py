@@ -51,7 +51,7 @@ def install() -> None:
     """Patch MLServer's dispatcher (main process) and worker (idempotent)."""
     if getattr(dispatcher.Dispatcher, _PATCHED, False):
         return
-    dispatcher.Dispatcher.dispatch_request = dispatch_request  # type: ignore[method-assign]
+    dispatcher.Dispatcher.dispatch_request = dispatch_request
     original_resolve = dispatcher.AsyncResponses.resolve
 
     def resolve(self: dispatcher.AsyncResponses, response: ModelResponseMessage) -> None:
@@ -59,23 +59,27 @@ def install() -> None:
             return
         original_resolve(self, response)
 
-    dispatcher.AsyncResponses.resolve = resolve  # type: ignore[method-assign]
-    worker.Worker._process_request = process_request  # type: ignore[method-assign]  # noqa: SLF001
-    ParallelModel.predict_stream = predict_stream  # type: ignore[method-assign]
+    dispatcher.AsyncResponses.resolve = resolve
+    worker.Worker._process_request = process_request  # noqa: SLF001
+    ParallelModel.predict_stream = predict_stream
     setattr(dispatcher.Dispatcher, _PATCHED, True)
 
 
-async def dispatch_request(self: dispatcher.Dispatcher, request_message: ModelRequestMessage
-                           ) -> ModelResponseMessage:
+async def dispatch_request(self: dispatcher.Dispatcher, request_message: ModelRequestMessage) -> ModelResponseMessage:
     """MLServer's round-robin dispatch, plus a cancel message when the caller gives up."""
     chosen, _ = self._get_worker()  # noqa: SLF001
     chosen.send_request(request_message)
     try:
         return await self._async_responses.schedule_and_wait(request_message, chosen)  # noqa: SLF001
     except asyncio.CancelledError:
-        chosen.send_request(ModelRequestMessage(
-            model_name=request_message.model_name, model_version=request_message.model_version,
-            method_name=CANCEL_METHOD, method_args=[request_message.id]))
+        chosen.send_request(
+            ModelRequestMessage(
+                model_name=request_message.model_name,
+                model_version=request_message.model_version,
+                method_name=CANCEL_METHOD,
+                method_args=[request_message.id],
+            )
+        )
         raise
 
 
@@ -107,9 +111,9 @@ async def process_request(self: worker.Worker, request: ModelRequestMessage) -> 
         _running.pop(request.id, None)
 
 
-async def predict_stream(self: ParallelModel, payloads: AsyncIterator[InferenceRequest]
-                         ) -> AsyncIterator[InferenceResponse]:
+async def predict_stream(
+    self: ParallelModel, payloads: AsyncIterator[InferenceRequest]
+) -> AsyncIterator[InferenceResponse]:
     """One answer per request of the stream, in order."""
     async for payload in payloads:
         yield await self.predict(payload)
-

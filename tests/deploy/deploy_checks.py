@@ -86,8 +86,11 @@ def missing_copy_sources(dockerfile: Path, context: Path) -> list[str]:
     for source in dockerfile_copy_sources(dockerfile):
         if source.startswith(("http://", "https://")):
             continue
-        matches = sorted(context.glob(source)) if any(c in source for c in "*?[") else (
-            [context / source] if (context / source).exists() else [])
+        matches = (
+            sorted(context.glob(source))
+            if any(c in source for c in "*?[")
+            else ([context / source] if (context / source).exists() else [])
+        )
         if not matches:
             problems.append(f"{source}: not in the build context")
         elif all(is_dockerignored(str(m.relative_to(context)), patterns) for m in matches):
@@ -136,8 +139,7 @@ def compose_file_references(compose_file: Path) -> list[str]:
 def missing_compose_files(compose_file: Path) -> list[str]:
     """Referenced host paths that do not exist."""
     base = compose_file.parent
-    return [ref for ref in compose_file_references(compose_file)
-            if not (base / Path(ref).expanduser()).exists()]
+    return [ref for ref in compose_file_references(compose_file) if not (base / Path(ref).expanduser()).exists()]
 
 
 def compose_variables(compose_file: Path) -> set[str]:
@@ -180,12 +182,9 @@ def variable_problems(compose_files: list[Path], env_example: Path) -> list[str]
     for compose_file in compose_files:
         used |= compose_variables(compose_file)
     documented = documented_variables(env_example)
-    problems = [f"{name}: used but not in {env_example.name}"
-                for name in sorted(used - documented.keys())]
-    problems += [f"{name}: in {env_example.name} but used nowhere"
-                 for name in sorted(documented.keys() - used)]
-    problems += [f"{name}: no comment explains it"
-                 for name, text in sorted(documented.items()) if not text]
+    problems = [f"{name}: used but not in {env_example.name}" for name in sorted(used - documented.keys())]
+    problems += [f"{name}: in {env_example.name} but used nowhere" for name in sorted(documented.keys() - used)]
+    problems += [f"{name}: no comment explains it" for name, text in sorted(documented.items()) if not text]
     return problems
 
 
@@ -203,7 +202,7 @@ def env_values(env_example: Path) -> dict[str, str]:
     for raw in env_example.read_text().splitlines():
         match = _ENV_LINE.match(raw.strip())
         if match:
-            values[match.group(1)] = raw.strip()[len(match.group(0)):]
+            values[match.group(1)] = raw.strip()[len(match.group(0)) :]
     return values
 
 
@@ -214,6 +213,8 @@ def default_mismatches(compose_files: list[Path], env_example: Path) -> list[str
     for compose_file in compose_files:
         for name, defaults in sorted(compose_defaults(compose_file).items()):
             if name in values and defaults != {values[name]}:
-                problems.append(f"{name}: {compose_file.name} falls back to {sorted(defaults)}, "
-                                f"{env_example.name} says {values[name]!r}")
+                problems.append(
+                    f"{name}: {compose_file.name} falls back to {sorted(defaults)}, "
+                    f"{env_example.name} says {values[name]!r}"
+                )
     return problems

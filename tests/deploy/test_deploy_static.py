@@ -39,15 +39,14 @@ DOCKER_COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
 
 def hadolint(dockerfile: Path) -> subprocess.CompletedProcess[str]:
     """Lint with hadolint (fails on any finding, info included)."""
-    return subprocess.run([HADOLINT, "--failure-threshold", "info", str(dockerfile)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [HADOLINT, "--failure-threshold", "info", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
 
 
-def compose_config(*files: Path, env_file: Path = ENV_EXAMPLE
-                   ) -> subprocess.CompletedProcess[str]:
+def compose_config(*files: Path, env_file: Path = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
     """`docker-compose config` (validates and resolves; needs no Docker engine)."""
-    command = [DOCKER_COMPOSE, "--env-file", str(env_file), "--project-directory",
-               str(files[0].parent)]
+    command = [DOCKER_COMPOSE, "--env-file", str(env_file), "--project-directory", str(files[0].parent)]
     for file in files:
         command += ["-f", str(file)]
     return subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60)
@@ -108,9 +107,15 @@ def test_image_serves_on_all_interfaces_at_the_ports_the_stack_expects(tmp_path:
     """Run the Dockerfile's settings.json rewrite on a copy: host 0.0.0.0, ports kept."""
     settings = json.loads((ROOT / "serving" / "settings.json").read_text())
     assert (settings["http_port"], settings["grpc_port"], settings["metrics_port"]) == (
-        8080, 8081, 8082)  # gateway upstreams, Prometheus target and HEALTHCHECK use these
-    (rewrite,) = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE)
-                  if keyword == "RUN" and "settings.json" in arguments]
+        8080,
+        8081,
+        8082,
+    )  # gateway upstreams, Prometheus target and HEALTHCHECK use these
+    (rewrite,) = [
+        arguments
+        for keyword, arguments in dockerfile_instructions(DOCKERFILE)
+        if keyword == "RUN" and "settings.json" in arguments
+    ]
     command = shlex.split(rewrite)
     assert command[:2] == ["python", "-c"]
     copy = tmp_path / "settings.json"
@@ -122,8 +127,14 @@ def test_image_serves_on_all_interfaces_at_the_ports_the_stack_expects(tmp_path:
 
 def test_every_copied_file_exists_and_is_in_the_context() -> None:
     sources = dockerfile_copy_sources(DOCKERFILE)
-    assert {"pyproject.toml", "README.md", "model_package", "serving",
-            "serving/gateway/render.py", "serving/gateway/nginx.conf.template"} <= set(sources)
+    assert {
+        "pyproject.toml",
+        "README.md",
+        "model_package",
+        "serving",
+        "serving/gateway/render.py",
+        "serving/gateway/nginx.conf.template",
+    } <= set(sources)
     assert missing_copy_sources(DOCKERFILE, ROOT) == []
 
 
@@ -133,11 +144,13 @@ def test_copy_checker_catches_missing_and_dockerignored_sources(tmp_path: Path) 
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "x.py").write_text("")
     broken = tmp_path / "Dockerfile"
-    broken.write_text("FROM python:3.11-slim AS a\n"
-                      "COPY pyproject.toml \\\n    README.md /src/\n"
-                      "COPY --chown=1:1 does_not_exist /x\n"
-                      "COPY tests /tests\n"
-                      "COPY --from=a /opt /opt\n")
+    broken.write_text(
+        "FROM python:3.11-slim AS a\n"
+        "COPY pyproject.toml \\\n    README.md /src/\n"
+        "COPY --chown=1:1 does_not_exist /x\n"
+        "COPY tests /tests\n"
+        "COPY --from=a /opt /opt\n"
+    )
     assert missing_copy_sources(broken, tmp_path) == [
         "does_not_exist: not in the build context",
         "tests: excluded by .dockerignore",
@@ -164,8 +177,7 @@ def test_compose_config_is_valid_alone_and_with_dev_override() -> None:
 
 def test_compose_requires_the_passwords(tmp_path: Path) -> None:
     env = tmp_path / "no-passwords.env"
-    env.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
-                           if "PASSWORD" not in line))
+    env.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines() if "PASSWORD" not in line))
     result = compose_config(COMPOSE, env_file=env)
     assert result.returncode != 0
     assert "PASSWORD" in result.stderr
@@ -173,9 +185,12 @@ def test_compose_requires_the_passwords(tmp_path: Path) -> None:
 
 def test_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE.read_text().replace(
-        "      postgres:\n        condition: service_healthy",
-        "      postgres:\n        condition: when_it_feels_like_it"))
+    broken.write_text(
+        COMPOSE.read_text().replace(
+            "      postgres:\n        condition: service_healthy",
+            "      postgres:\n        condition: when_it_feels_like_it",
+        )
+    )
     result = compose_config(broken)
     assert result.returncode != 0
     assert "when_it_feels_like_it" in result.stderr
@@ -184,8 +199,16 @@ def test_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
 def test_stack_services_networks_healthchecks_limits() -> None:
     config = _resolved(COMPOSE)
     services = config["services"]
-    assert set(services) == {"postgres", "mlflow", "register", "kronos", "gateway",
-                             "gateway-exporter", "prometheus", "grafana"}
+    assert set(services) == {
+        "postgres",
+        "mlflow",
+        "register",
+        "kronos",
+        "gateway",
+        "gateway-exporter",
+        "prometheus",
+        "grafana",
+    }
     assert config["networks"]["serving"]["internal"] is True
     assert config["networks"]["monitoring"]["internal"] is True
     for name, service in services.items():
@@ -223,8 +246,10 @@ def test_mlflow_and_register_commands() -> None:
     assert services["kronos"]["environment"]["KRONOS_MODEL_URI"] == "models:/kronos@champion"
     gateway_env = services["gateway"]["environment"]
     assert gateway_env["KRONOS_GATEWAY_UPSTREAM_HTTP"] == "kronos:8080"
-    assert gateway_env["KRONOS_GATEWAY_SERVER_DEADLINE_S"] == \
-        services["kronos"]["environment"]["KRONOS_DEFAULT_DEADLINE_S"]
+    assert (
+        gateway_env["KRONOS_GATEWAY_SERVER_DEADLINE_S"]
+        == services["kronos"]["environment"]["KRONOS_DEFAULT_DEADLINE_S"]
+    )
 
 
 def test_dev_override_mounts_sources_for_hot_reload() -> None:
@@ -243,15 +268,21 @@ def test_every_mounted_config_exists() -> None:
         assert references, compose_file
         assert missing_compose_files(compose_file) == [], compose_file
     references = set(compose_file_references(COMPOSE))
-    assert {"./serving/monitoring/prometheus.yml", "./serving/monitoring/alerts.yml",
-            "./serving/monitoring/grafana/provisioning",
-            "./serving/monitoring/grafana/dashboards", ".", "Dockerfile"} <= references
+    assert {
+        "./serving/monitoring/prometheus.yml",
+        "./serving/monitoring/alerts.yml",
+        "./serving/monitoring/grafana/provisioning",
+        "./serving/monitoring/grafana/dashboards",
+        ".",
+        "Dockerfile",
+    } <= references
 
 
 def test_mount_checker_catches_a_missing_file(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE.read_text().replace("./serving/monitoring/alerts.yml",
-                                                  "./serving/monitoring/alert-rules.yml"))
+    broken.write_text(
+        COMPOSE.read_text().replace("./serving/monitoring/alerts.yml", "./serving/monitoring/alert-rules.yml")
+    )
     missing = missing_compose_files(broken)
     assert "./serving/monitoring/alert-rules.yml" in missing
 
@@ -262,8 +293,7 @@ def test_monitoring_mounts_match_the_paths_the_configs_expect() -> None:
     rules = yaml.safe_load((ROOT / "serving/monitoring/prometheus.yml").read_text())
     for rule_file in rules["rule_files"]:
         assert f"/etc/prometheus/{rule_file}" in mounts
-    providers = yaml.safe_load(
-        (ROOT / "serving/monitoring/grafana/provisioning/dashboards/kronos.yml").read_text())
+    providers = yaml.safe_load((ROOT / "serving/monitoring/grafana/provisioning/dashboards/kronos.yml").read_text())
     grafana_targets = set(_mounts(services["grafana"]))
     assert providers["providers"][0]["options"]["path"] in grafana_targets
     assert "/etc/grafana/provisioning" in grafana_targets
@@ -293,18 +323,18 @@ def test_variable_checker_catches_undocumented_and_stale_variables(tmp_path: Pat
 def test_documented_values_are_the_compose_defaults(tmp_path: Path) -> None:
     assert default_mismatches([COMPOSE, COMPOSE_DEV], ENV_EXAMPLE) == []
     drifted = tmp_path / ".env.example"
-    drifted.write_text(ENV_EXAMPLE.read_text().replace("KRONOS_GATEWAY_RATE_LIMIT=20r/s",
-                                                       "KRONOS_GATEWAY_RATE_LIMIT=50r/s"))
+    drifted.write_text(
+        ENV_EXAMPLE.read_text().replace("KRONOS_GATEWAY_RATE_LIMIT=20r/s", "KRONOS_GATEWAY_RATE_LIMIT=50r/s")
+    )
     assert default_mismatches([COMPOSE, COMPOSE_DEV], drifted) == [
-        "KRONOS_GATEWAY_RATE_LIMIT: docker-compose.yml falls back to ['20r/s'], "
-        ".env.example says '50r/s'"]
+        "KRONOS_GATEWAY_RATE_LIMIT: docker-compose.yml falls back to ['20r/s'], .env.example says '50r/s'"
+    ]
 
 
 def test_env_parser_reads_comment_blocks(tmp_path: Path) -> None:
     env = tmp_path / ".env.example"
     env.write_text("# --- section ---\n# The rate.\nRATE=1\nBURST=2\n# Other.\nX=3\n\nY=4\n")
-    assert documented_variables(env) == {"RATE": "The rate.", "BURST": "The rate.",
-                                         "X": "Other.", "Y": ""}
+    assert documented_variables(env) == {"RATE": "The rate.", "BURST": "The rate.", "X": "Other.", "Y": ""}
 
 
 @pytest.mark.parametrize("literal", ['pg_isready -U "$$POSTGRES_USER"'])
@@ -318,7 +348,8 @@ def test_double_dollar_is_not_a_variable(tmp_path: Path, literal: str) -> None:
 
 
 def test_compose_gateway_environment_renders_a_config_nginx_accepts(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The gateway's compose environment, rendered and checked by the real nginx.
 
     Only what cannot exist outside Docker changes: upstream host names (nginx -t resolves
@@ -347,14 +378,22 @@ def test_ports_agree_across_settings_dockerfile_compose_and_prometheus() -> None
     assert f"127.0.0.1:{gateway_defaults.status_port}/gateway/health" in dockerfile
     assert f"EXPOSE {gateway_defaults.http_port} {gateway_defaults.grpc_port} 9145" in dockerfile
     services = _resolved(COMPOSE)["services"]
-    published = {str(p["target"]) if isinstance(p, dict) else p.split(":")[-1].split("/")[0]
-                 for p in services["gateway"]["ports"]}
-    assert published == {services["gateway"]["environment"]["KRONOS_GATEWAY_HTTP_PORT"],
-                         services["gateway"]["environment"]["KRONOS_GATEWAY_GRPC_PORT"]}
+    published = {
+        str(p["target"]) if isinstance(p, dict) else p.split(":")[-1].split("/")[0]
+        for p in services["gateway"]["ports"]
+    }
+    assert published == {
+        services["gateway"]["environment"]["KRONOS_GATEWAY_HTTP_PORT"],
+        services["gateway"]["environment"]["KRONOS_GATEWAY_GRPC_PORT"],
+    }
     assert "9145" in services["gateway-exporter"]["command"]
     prometheus = yaml.safe_load((ROOT / "serving/monitoring/prometheus.yml").read_text())
-    targets = {target for job in prometheus["scrape_configs"]
-               for config in job.get("static_configs", []) for target in config["targets"]}
+    targets = {
+        target
+        for job in prometheus["scrape_configs"]
+        for config in job.get("static_configs", [])
+        for target in config["targets"]
+    }
     assert "gateway-exporter:9145" in targets
     mlserver = json.loads((ROOT / "serving" / "settings.json").read_text())
     kronos_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "kronos")
@@ -369,8 +408,7 @@ def test_service_environment_names_are_real_settings() -> None:
 
     services = _resolved(COMPOSE, COMPOSE_DEV)["services"]
     serving_fields = settings_variables(ModelSettings, ServingSettings)
-    kronos_env = {name for name in services["kronos"]["environment"]
-                  if name.startswith("KRONOS_")}
+    kronos_env = {name for name in services["kronos"]["environment"] if name.startswith("KRONOS_")}
     assert kronos_env and kronos_env <= serving_fields, kronos_env - serving_fields
     gateway_fields = {f"KRONOS_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
     gateway_env = set(services["gateway"]["environment"])

@@ -58,15 +58,18 @@ def grpc_upstream() -> Iterator[GrpcUpstream]:
 
 
 @pytest.fixture(scope="session")
-def make_gateway(tmp_path_factory: pytest.TempPathFactory, upstream: RecordingUpstream,
-                 grpc_upstream: GrpcUpstream) -> Iterator[GatewayFactory]:
+def make_gateway(
+    tmp_path_factory: pytest.TempPathFactory, upstream: RecordingUpstream, grpc_upstream: GrpcUpstream
+) -> Iterator[GatewayFactory]:
     """Start a real nginx gateway with the given setting overrides (stopped at the end)."""
     started: list[GatewayProcess] = []
 
     def make(**overrides: Any) -> GatewayProcess:
         values: dict[str, Any] = {
             "listen_host": "0.0.0.0",
-            "http_port": free_port(), "grpc_port": free_port(), "status_port": free_port(),
+            "http_port": free_port(),
+            "grpc_port": free_port(),
+            "status_port": free_port(),
             "upstream_http": [f"127.0.0.1:{upstream.port}"],
             "upstream_grpc": [f"127.0.0.1:{grpc_upstream.port}"],
             "allow_cidrs": [f"{CLIENT}/32", f"{ADMIN}/32"],
@@ -90,5 +93,6 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory, upstream: RecordingUp
 @pytest.fixture(scope="session")
 def gateway(make_gateway: GatewayFactory) -> GatewayProcess:
     """The main gateway: generous rate limit, 1 KiB body limit, short deadline."""
-    return make_gateway(rate_limit="100r/s", rate_limit_burst=100, max_body_size="1k",
-                        server_deadline_s=0.5, timeout_margin_s=0.3)
+    return make_gateway(
+        rate_limit="100r/s", rate_limit_burst=100, max_body_size="1k", server_deadline_s=0.5, timeout_margin_s=0.3
+    )

@@ -53,12 +53,10 @@ def make_handler(upstream: RecordingUpstream) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            upstream.seen.append(SeenRequest(self.command, self.path, dict(self.headers),
-                                             len(body)))
+            upstream.seen.append(SeenRequest(self.command, self.path, dict(self.headers), len(body)))
             if self.path.startswith("/v2/models/slow/"):
                 time.sleep(2.0)
-            payload = json.dumps({"path": self.path, "headers": dict(self.headers),
-                                  "body_length": len(body)}).encode()
+            payload = json.dumps({"path": self.path, "headers": dict(self.headers), "body_length": len(body)}).encode()
             status = 404 if self.path.startswith("/v2/models/missing/") else 200
             try:
                 self.send_response(status)
@@ -85,28 +83,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.request_ids: list[str] = []
 
-    def ServerLive(self, request: pb.ServerLiveRequest,  # noqa: N802
-                   context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+    def ServerLive(
+        self,
+        request: pb.ServerLiveRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request: pb.ServerReadyRequest,  # noqa: N802
-                    context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+    def ServerReady(
+        self,
+        request: pb.ServerReadyRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
-    def ModelReady(self, request: pb.ModelReadyRequest,  # noqa: N802
-                   context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+    def ModelReady(
+        self,
+        request: pb.ModelReadyRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=True)
 
-    def ServerMetadata(self, request: pb.ServerMetadataRequest,  # noqa: N802
-                       context: grpc.ServicerContext) -> pb.ServerMetadataResponse:
+    def ServerMetadata(
+        self,
+        request: pb.ServerMetadataRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="upstream")
 
-    def ModelMetadata(self, request: pb.ModelMetadataRequest,  # noqa: N802
-                      context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+    def ModelMetadata(
+        self,
+        request: pb.ModelMetadataRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ModelMetadataResponse:
         return pb.ModelMetadataResponse(name=request.name)
 
-    def ModelInfer(self, request: pb.ModelInferRequest,  # noqa: N802
-                   context: grpc.ServicerContext) -> pb.ModelInferResponse:
+    def ModelInfer(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ModelInferResponse:
         metadata = dict(context.invocation_metadata())
         request_id = str(metadata.get("x-request-id", ""))
         self.request_ids.append(request_id)
@@ -114,40 +130,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "model missing not found")
         return pb.ModelInferResponse(model_name=request.model_name, id=request_id)
 
-    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest],  # noqa: N802
-                         context: grpc.ServicerContext) -> Iterator[pb.ModelInferResponse]:
+    def ModelStreamInfer(
+        self,
+        request_iterator: Iterator[pb.ModelInferRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.ModelInferResponse]:
         for request in request_iterator:
             yield pb.ModelInferResponse(model_name=request.model_name, id=request.id)
 
-    def RepositoryIndex(self, request: pb.RepositoryIndexRequest,  # noqa: N802
-                        context: grpc.ServicerContext) -> pb.RepositoryIndexResponse:
+    def RepositoryIndex(
+        self,
+        request: pb.RepositoryIndexRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse()
 
-    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,  # noqa: N802
-                            context: grpc.ServicerContext) -> pb.RepositoryModelLoadResponse:
+    def RepositoryModelLoad(
+        self,
+        request: pb.RepositoryModelLoadRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.RepositoryModelLoadResponse:
         return pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(  # noqa: N802
-            self, request: pb.RepositoryModelUnloadRequest,
-            context: grpc.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
         return pb.RepositoryModelUnloadResponse()
 
 
 class RepositoryServicer(repo_grpc.ModelRepositoryServiceServicer):
     """The model repository service (admin only through the gateway)."""
 
-    def RepositoryIndex(self, request: repo_pb.RepositoryIndexRequest,  # noqa: N802
-                        context: grpc.ServicerContext) -> repo_pb.RepositoryIndexResponse:
+    def RepositoryIndex(
+        self,
+        request: repo_pb.RepositoryIndexRequest,
+        context: grpc.ServicerContext,
+    ) -> repo_pb.RepositoryIndexResponse:
         return repo_pb.RepositoryIndexResponse()
 
-    def RepositoryModelLoad(  # noqa: N802
-            self, request: repo_pb.RepositoryModelLoadRequest,
-            context: grpc.ServicerContext) -> repo_pb.RepositoryModelLoadResponse:
+    def RepositoryModelLoad(
+        self, request: repo_pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    ) -> repo_pb.RepositoryModelLoadResponse:
         return repo_pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(  # noqa: N802
-            self, request: repo_pb.RepositoryModelUnloadRequest,
-            context: grpc.ServicerContext) -> repo_pb.RepositoryModelUnloadResponse:
+    def RepositoryModelUnload(
+        self, request: repo_pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    ) -> repo_pb.RepositoryModelUnloadResponse:
         return repo_pb.RepositoryModelUnloadResponse()
 
 
@@ -158,11 +186,9 @@ class RecordingInterceptor(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
-    def intercept_service(self, continuation: Callable[..., Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         metadata = dict(handler_call_details.invocation_metadata or ())
-        self.calls.append((handler_call_details.method,
-                           str(metadata.get("x-request-id", ""))))
+        self.calls.append((handler_call_details.method, str(metadata.get("x-request-id", ""))))
         return continuation(handler_call_details)
 
 
@@ -195,17 +221,23 @@ class Reply:
         return json.loads(self.body)
 
 
-def call(gateway: GatewayProcess, path: str, method: str = "GET", body: bytes | None = None,
-         headers: dict[str, str] | None = None, source: str = CLIENT,
-         chunked: bool = False) -> Reply:
+def call(
+    gateway: GatewayProcess,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    source: str = CLIENT,
+    chunked: bool = False,
+) -> Reply:
     """One HTTP/1.1 request to the gateway's REST port from the `source` address."""
-    connection = http.client.HTTPConnection("127.0.0.1", gateway.settings.http_port,
-                                            timeout=10, source_address=(source, 0))
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", gateway.settings.http_port, timeout=10, source_address=(source, 0)
+    )
     try:
         if chunked:
             assert body is not None
-            connection.request(method, path, body=iter([body]), headers=headers or {},
-                               encode_chunked=True)
+            connection.request(method, path, body=iter([body]), headers=headers or {}, encode_chunked=True)
         else:
             connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -214,8 +246,7 @@ def call(gateway: GatewayProcess, path: str, method: str = "GET", body: bytes | 
         connection.close()
 
 
-def log_entries(gateway: GatewayProcess, timeout_s: float = 2.0,
-                request_id: str | None = None) -> list[dict[str, Any]]:
+def log_entries(gateway: GatewayProcess, timeout_s: float = 2.0, request_id: str | None = None) -> list[dict[str, Any]]:
     """Parsed access-log lines; with `request_id`, waits until that request is logged."""
     deadline = time.monotonic() + timeout_s
     while True:

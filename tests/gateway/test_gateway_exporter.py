@@ -23,10 +23,10 @@ from serving.local_server import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _line(status: int = 200, route: str = "infer", seconds: float = 0.02,
-          grpc_status: str = "") -> str:
-    return json.dumps({"request_id": "r", "status": status, "route": route,
-                       "request_time": seconds, "grpc_status": grpc_status})
+def _line(status: int = 200, route: str = "infer", seconds: float = 0.02, grpc_status: str = "") -> str:
+    return json.dumps(
+        {"request_id": "r", "status": status, "route": route, "request_time": seconds, "grpc_status": grpc_status}
+    )
 
 
 def _value(metrics: GatewayLogMetrics, name: str, **labels: str) -> float:
@@ -87,8 +87,7 @@ def _wait_for(seen: list[str], count: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_follow_waits_for_file_handles_partial_lines_truncation_and_rotation(
-        followed: tuple[Path, list[str]]) -> None:
+def test_follow_waits_for_file_handles_partial_lines_truncation_and_rotation(followed: tuple[Path, list[str]]) -> None:
     path, seen = followed
     time.sleep(0.1)  # the file does not exist yet
     with path.open("a") as log:
@@ -161,34 +160,47 @@ def test_follow_starts_at_end_of_existing_file(tmp_path: Path) -> None:
 def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @pytest.mark.integration
-def test_exporter_process_counts_statuses_from_real_nginx(
-        make_gateway: GatewayFactory) -> None:
+def test_exporter_process_counts_statuses_from_real_nginx(make_gateway: GatewayFactory) -> None:
     gateway = make_gateway(rate_limit="1r/m", rate_limit_burst=1, max_body_size="1k")
     port = free_port()
     exporter = subprocess.Popen(
-        [sys.executable, "-m", "serving.gateway.log_exporter", "--log",
-         str(gateway.access_log), "--host", "127.0.0.1", "--port", str(port),
-         "--from-start", "--poll", "0.05", "--max-bytes", "1"],  # trim after every read
-        cwd=ROOT, stdout=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "serving.gateway.log_exporter",
+            "--log",
+            str(gateway.access_log),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--from-start",
+            "--poll",
+            "0.05",
+            "--max-bytes",
+            "1",
+        ],  # trim after every read
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         wait_for_port("127.0.0.1", port, timeout_s=15)
-        statuses = [call(gateway, "/v2/models/kronos/infer", method="POST", body=b"{}").status
-                    for _ in range(4)]
+        statuses = [call(gateway, "/v2/models/kronos/infer", method="POST", body=b"{}").status for _ in range(4)]
         assert statuses == [200, 200, 429, 429]
         assert call(gateway, "/v2/health/ready", source=OUTSIDER).status == 403
-        assert call(gateway, "/v2/repository/index", method="POST", body=b"{}",
-                    source=ADMIN).status == 200
-        assert call(gateway, "/v2/models/kronos/infer", method="POST", body=b"x" * 4096,
-                    source=ADMIN).status == 413
+        assert call(gateway, "/v2/repository/index", method="POST", body=b"{}", source=ADMIN).status == 200
+        assert call(gateway, "/v2/models/kronos/infer", method="POST", body=b"x" * 4096, source=ADMIN).status == 413
 
         def total(status: str, route: str) -> float:
-            key = ("kronos_gateway_requests_total",
-                   frozenset({("status", status), ("route", route)}))
+            key = ("kronos_gateway_requests_total", frozenset({("status", status), ("route", route)}))
             return _scrape(port).get(key, 0.0)
 
         deadline = time.monotonic() + 5
@@ -200,8 +212,7 @@ def test_exporter_process_counts_statuses_from_real_nginx(
         assert total("200", "repository") == 1
         assert total("413", "infer") == 1
         samples = _scrape(port)
-        count = samples[("kronos_gateway_request_seconds_count",
-                         frozenset({("route", "infer")}))]
+        count = samples[("kronos_gateway_request_seconds_count", frozenset({("route", "infer")}))]
         assert count == 5
         assert samples[("kronos_gateway_log_parse_errors_total", frozenset())] == 0
         deadline = time.monotonic() + 5

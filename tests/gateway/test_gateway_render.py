@@ -55,17 +55,20 @@ def test_environment_overrides_with_comma_lists(monkeypatch: pytest.MonkeyPatch)
     assert "access_log /dev/stdout kronos_json;" in render_config(GatewaySettings())
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("upstream_http", "kronos:8080; evil"),
-    ("upstream_grpc", ""),
-    ("allow_cidrs", "10.0.0.0/33"),
-    ("admin_cidrs", "not-a-network"),
-    ("rate_limit", "20 r/s"),
-    ("max_body_size", "16mb; x"),
-    ("access_log", "logs/a.log; include /etc/passwd"),
-    ("worker_processes", "two"),
-    ("error_log_level", "loud"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("upstream_http", "kronos:8080; evil"),
+        ("upstream_grpc", ""),
+        ("allow_cidrs", "10.0.0.0/33"),
+        ("admin_cidrs", "not-a-network"),
+        ("rate_limit", "20 r/s"),
+        ("max_body_size", "16mb; x"),
+        ("access_log", "logs/a.log; include /etc/passwd"),
+        ("worker_processes", "two"),
+        ("error_log_level", "loud"),
+    ],
+)
 def test_values_that_could_break_or_inject_config_are_rejected(field: str, value: str) -> None:
     with pytest.raises(ValidationError):
         GatewaySettings(**{field: value})
@@ -97,15 +100,14 @@ def test_unknown_placeholder_is_an_error() -> None:
 def test_broken_config_fails_nginx_t(tmp_path: Path) -> None:
     prepare_prefix(GatewaySettings(), tmp_path)
     config = tmp_path / "nginx.conf"
-    config.write_text(config.read_text().replace("grpc_pass grpc://kronos_grpc;",
-                                                 "grpc_pass grpc://;"))
+    config.write_text(config.read_text().replace("grpc_pass grpc://kronos_grpc;", "grpc_pass grpc://;"))
     with pytest.raises(subprocess.CalledProcessError):
         check_config(tmp_path)
 
 
 def test_cli_renders_checks_and_prints_the_command(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("KRONOS_GATEWAY_HTTP_PORT", "18123")
     assert main(["--prefix", str(tmp_path), "--check"]) == 0
     printed = capsys.readouterr().out.strip()

@@ -62,8 +62,7 @@ def _let_others_traverse(path: Path) -> None:
             os.chmod(parent, parent.stat().st_mode | 0o001)
 
 
-def _wait_for_pid_file(pid_file: Path, process: subprocess.Popen[bytes],
-                      timeout_s: float) -> None:
+def _wait_for_pid_file(pid_file: Path, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Block until nginx's master (this process, after exec) has written its pid file."""
     deadline = time.monotonic() + timeout_s
     while not (pid_file.exists() and pid_file.read_text().strip() == str(process.pid)):
@@ -82,17 +81,24 @@ def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
     if os.geteuid() == 0:
         os.chown(prefix, 65534, 65534)
     http_port, grpc_port, status_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "KRONOS_GATEWAY_LISTEN_HOST": "127.0.0.1",
-           "KRONOS_GATEWAY_HTTP_PORT": str(http_port),
-           "KRONOS_GATEWAY_GRPC_PORT": str(grpc_port),
-           "KRONOS_GATEWAY_STATUS_PORT": str(status_port),
-           "KRONOS_GATEWAY_WORKER_PROCESSES": "1"}
+    env = {
+        **os.environ,
+        "KRONOS_GATEWAY_LISTEN_HOST": "127.0.0.1",
+        "KRONOS_GATEWAY_HTTP_PORT": str(http_port),
+        "KRONOS_GATEWAY_GRPC_PORT": str(grpc_port),
+        "KRONOS_GATEWAY_STATUS_PORT": str(status_port),
+        "KRONOS_GATEWAY_WORKER_PROCESSES": "1",
+    }
     env.pop("KRONOS_GATEWAY_USER", None)
     # as in the gateway image: the script path, not the package, from another directory
     process = subprocess.Popen(
-        _as_unprivileged([sys.executable, str(GATEWAY_DIR / "render.py"), "--prefix",
-                          str(prefix), "--check", "--exec"]),
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+        _as_unprivileged(
+            [sys.executable, str(GATEWAY_DIR / "render.py"), "--prefix", str(prefix), "--check", "--exec"]
+        ),
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     try:
         # `--check` runs `nginx -t` first, which binds the ports for a moment too: wait for
         # the real master (it writes the pid file) before connecting.
@@ -119,9 +125,20 @@ def test_exporter_script_runs_standalone(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "access.log"
     log.write_text("")
-    process = subprocess.Popen([sys.executable, str(GATEWAY_DIR / "log_exporter.py"), "--log",
-                                str(log), "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(GATEWAY_DIR / "log_exporter.py"),
+            "--log",
+            str(log),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         wait_for_port("127.0.0.1", port, timeout_s=15)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

@@ -23,32 +23,38 @@ from serving.local_server import LocalRegistry, free_port
 
 
 @pytest.fixture(scope="module")
-def registry_uri(tmp_path_factory: pytest.TempPathFactory,
-                 tiny_checkpoints: tuple[Path, Path]) -> str:
+def registry_uri(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> str:
     """A sqlite registry holding the tiny pair as `kronos` version 1, alias `champion`."""
-    registry = LocalRegistry.create(tmp_path_factory.mktemp("integration-registry"),
-                                    "kronos-integration-tests")
-    registry.log_version(*tiny_checkpoints, max_context=TINY_MAX_CONTEXT, champion=True,
-                         example_rows=16)
+    registry = LocalRegistry.create(tmp_path_factory.mktemp("integration-registry"), "kronos-integration-tests")
+    registry.log_version(*tiny_checkpoints, max_context=TINY_MAX_CONTEXT, champion=True, example_rows=16)
     return registry.tracking_uri
 
 
 @pytest.fixture(scope="module")
 def stack(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A real MLServer behind a real nginx gateway; both stopped at the end of the module."""
-    server = start_server(tmp_path_factory.mktemp("integration-mlserver"), registry_uri,
-                          model_settings={"max_batch_size": 32, "max_batch_time": 0.02})
+    server = start_server(
+        tmp_path_factory.mktemp("integration-mlserver"),
+        registry_uri,
+        model_settings={"max_batch_size": 32, "max_batch_time": 0.02},
+    )
     try:
         settings = GatewaySettings(
-            listen_host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
+            listen_host="127.0.0.1",
+            http_port=free_port(),
+            grpc_port=free_port(),
             status_port=free_port(),
             upstream_http=[f"127.0.0.1:{server.http_port}"],
             upstream_grpc=[f"127.0.0.1:{server.grpc_port}"],
-            allow_cidrs=[f"{CLIENT}/32"], admin_cidrs=[f"{ADMIN}/32"],
-            rate_limit="100r/s", rate_limit_burst=100, worker_processes="1",
+            allow_cidrs=[f"{CLIENT}/32"],
+            admin_cidrs=[f"{ADMIN}/32"],
+            rate_limit="100r/s",
+            rate_limit_burst=100,
+            worker_processes="1",
             # as root, nginx workers would switch to `nobody`, who cannot write pytest's
             # private tmp dirs: keep them as the current user
-            user="root" if os.geteuid() == 0 else "")
+            user="root" if os.geteuid() == 0 else "",
+        )
         gateway = GatewayProcess(settings, prefix=tmp_path_factory.mktemp("integration-gw"))
         with gateway:
             yield Stack(server, gateway)

@@ -39,8 +39,7 @@ PRED_LEN = 4
 # greedy (top_k=1): REST and gRPC must give the same forecast; the float parameters still
 # travel (as JSON numbers over REST, as strings over gRPC) and must be accepted
 REST_PARAMS = {"pred_len": PRED_LEN, "top_k": 1, "temperature": 0.7, "top_p": 0.5}
-GRPC_PARAMS: dict[str, str | int] = {"pred_len": PRED_LEN, "top_k": 1, "temperature": "0.7",
-                                     "top_p": "0.5"}
+GRPC_PARAMS: dict[str, str | int] = {"pred_len": PRED_LEN, "top_k": 1, "temperature": "0.7", "top_p": "0.5"}
 TIMEOUT_S = 120.0
 
 
@@ -69,23 +68,28 @@ def traffic(stack: Stack) -> Traffic:
     frame = history(SERIES, seed=3)
     rest_id, grpc_id = new_request_id("rest"), new_request_id("grpc")
     with httpx.Client(timeout=TIMEOUT_S) as client:
-        reply = client.post(f"{stack.gateway.http_url}/v2/models/{MODEL_NAME}/infer",
-                            json=v2_request(frame, REST_PARAMS),
-                            headers={"X-Request-ID": rest_id})
+        reply = client.post(
+            f"{stack.gateway.http_url}/v2/models/{MODEL_NAME}/infer",
+            json=v2_request(frame, REST_PARAMS),
+            headers={"X-Request-ID": rest_id},
+        )
     with grpc.insecure_channel(stack.gateway.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         grpc_reply, call = stub.ModelInfer.with_call(
-            grpc_request(frame, GRPC_PARAMS), timeout=TIMEOUT_S,
-            metadata=(("x-request-id", grpc_id),))
+            grpc_request(frame, GRPC_PARAMS), timeout=TIMEOUT_S, metadata=(("x-request-id", grpc_id),)
+        )
     initial = dict(call.initial_metadata() or ())
     return Traffic(
-        history=frame, rest_id=rest_id, rest_status=reply.status_code,
+        history=frame,
+        rest_id=rest_id,
+        rest_status=reply.status_code,
         rest_header_id=reply.headers.get("x-request-id"),
         rest_body=reply.json() if reply.status_code == 200 else {"error": reply.text},
-        grpc_id=grpc_id, grpc_header_id=initial.get("x-request-id"),
-        grpc_parameters={k: v.string_param or v.int64_param
-                         for k, v in grpc_reply.parameters.items()},
-        grpc_frame=grpc_response_frame(grpc_reply))
+        grpc_id=grpc_id,
+        grpc_header_id=initial.get("x-request-id"),
+        grpc_parameters={k: v.string_param or v.int64_param for k, v in grpc_reply.parameters.items()},
+        grpc_frame=grpc_response_frame(grpc_reply),
+    )
 
 
 def assert_forecast(forecast: pd.DataFrame, history_frame: pd.DataFrame) -> None:
@@ -112,7 +116,10 @@ def test_rest_and_grpc_inference_through_the_gateway(traffic: Traffic) -> None:
     key = ["series_id", "timestamp"]
     pd.testing.assert_frame_equal(
         traffic.grpc_frame.sort_values(key).reset_index(drop=True)[rest.columns],
-        rest.sort_values(key).reset_index(drop=True), rtol=1e-6, check_dtype=False)
+        rest.sort_values(key).reset_index(drop=True),
+        rtol=1e-6,
+        check_dtype=False,
+    )
 
 
 def exported_names(text: str) -> set[str]:
@@ -127,15 +134,13 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
-def test_live_server_exports_every_metric_the_monitoring_reads(stack: Stack,
-                                                               traffic: Traffic) -> None:
+def test_live_server_exports_every_metric_the_monitoring_reads(stack: Stack, traffic: Traffic) -> None:
     assert traffic.rest_status == 200, traffic.rest_body  # the traffic did reach the model
     wanted = model_server_metric_names()
     assert wanted, "the alerts and dashboard read no model server metric?"
     exported = exported_names(stack.server.metrics())
     missing = sorted(set(wanted) - exported)
-    assert not missing, (f"alerts/dashboard read metrics that MLServer does not export: "
-                         f"{missing}")
+    assert not missing, f"alerts/dashboard read metrics that MLServer does not export: {missing}"
 
 
 def runtime_log_entries(log_text: str) -> list[dict]:
@@ -154,7 +159,7 @@ def runtime_log_entries(log_text: str) -> list[dict]:
     return entries
 
 
-def find_request_line(stack: Stack, request_id: str, wait_s: float = 2.0) -> dict | None:
+def find_request_line(stack: Stack, request_id: str, wait_s: float = 30.0) -> dict | None:
     """The runtime's JSON log line for `request_id` (waits briefly for the write)."""
     deadline = time.monotonic() + wait_s
     while True:
@@ -170,11 +175,35 @@ def test_request_id_appears_in_the_runtime_log_line(stack: Stack, traffic: Traff
     assert traffic.rest_status == 200, traffic.rest_body
     for request_id in (traffic.rest_id, traffic.grpc_id):
         entry = find_request_line(stack, request_id)
-        assert entry is not None, (f"no JSON log line with request_id={request_id} in the "
-                                   f"server output:\n{stack.server_log()[-3000:]}")
+        assert entry is not None, (
+            f"no JSON log line with request_id={request_id} in the server output:\n{stack.server_log()[-3000:]}"
+        )
         assert entry["outcome"] == "ok" and entry["model_version"] == "1"
         assert entry["series"] == len(SERIES) and entry["horizon"] == PRED_LEN
         for field in ("queue_wait_s", "inference_s", "total_s"):
             assert isinstance(entry[field], int | float) and entry[field] >= 0
         line = json.dumps(entry)
         assert "AAPL" not in line and "MSFT" not in line  # no payload in the log
+
+
+def test_a_non_admin_cannot_unload_the_model_through_the_gateway(stack: Stack) -> None:
+    """The repository RPCs of the inference service (and the REST repository routes) are
+    refused by the gateway for a client that is not an admin; the model keeps serving."""
+    from mlserver.grpc import dataplane_pb2 as pb
+
+    with grpc.insecure_channel(stack.gateway.grpc_target) as channel:
+        unload = channel.unary_unary(
+            "/inference.GRPCInferenceService/RepositoryModelUnload",
+            request_serializer=pb.RepositoryModelUnloadRequest.SerializeToString,
+            response_deserializer=pb.RepositoryModelUnloadResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as denied:
+            unload(pb.RepositoryModelUnloadRequest(model_name=MODEL_NAME), timeout=TIMEOUT_S)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        ready = pb_grpc.GRPCInferenceServiceStub(channel).ModelReady(
+            pb.ModelReadyRequest(name=MODEL_NAME), timeout=TIMEOUT_S
+        )
+        assert ready.ready
+    reply = httpx.post(f"{stack.gateway.http_url}/v2/repository/models/{MODEL_NAME}/unload", timeout=TIMEOUT_S)
+    assert reply.status_code == 403, reply.text
+    assert httpx.get(f"{stack.server.url}/v2/models/{MODEL_NAME}/ready", timeout=TIMEOUT_S).status_code == 200

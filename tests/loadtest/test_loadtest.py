@@ -49,8 +49,7 @@ COLUMNS = ["series_id", "timestamp", "open", "high", "low", "close", "volume"]
 def _same_history(decoded: pd.DataFrame, expected: pd.DataFrame) -> None:
     decoded = decoded[COLUMNS].copy()
     decoded["timestamp"] = pd.to_datetime(decoded["timestamp"])
-    pd.testing.assert_frame_equal(decoded.reset_index(drop=True),
-                                  expected.reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(decoded.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # mlserver gRPC converters
@@ -83,26 +82,41 @@ def test_payloads_are_real_candles_in_both_encodings() -> None:
 def test_locustfile_loads_with_both_users() -> None:
     listed = subprocess.run(
         [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--list"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert "RestUser" in listed.stdout and "GrpcUser" in listed.stdout
 
 
 def test_locustfile_builds_its_payload_pool() -> None:
-    script = ("import runpy, sys; ns = runpy.run_path(sys.argv[1]); pool = ns['payload_pool'](None);"
-              "assert len(pool) == ns['POOL_SIZE'];"
-              "assert all(r.model_name == 'kronos' and len(b['inputs']) == 7 for _, b, r in pool);"
-              "print(sum(s.n_series for s, _, _ in pool))")
-    built = subprocess.run([sys.executable, "-c", script, str(LOCUSTFILE)], capture_output=True,
-                           text=True, timeout=60, cwd=ROOT, check=False)
+    script = (
+        "import runpy, sys; ns = runpy.run_path(sys.argv[1]); pool = ns['payload_pool'](None);"
+        "assert len(pool) == ns['POOL_SIZE'];"
+        "assert all(r.model_name == 'kronos' and len(b['inputs']) == 7 for _, b, r in pool);"
+        "print(sum(s.n_series for s, _, _ in pool))"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", script, str(LOCUSTFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     assert int(built.stdout.split()[-1]) > 48  # some requests hold several series
 
 
 def _rows(**named: tuple[int, int, float]) -> dict[str, Row]:
     """Stats rows from name -> (requests, failures, p95 ms)."""
-    rows = {name.replace("_", " "): Row(name.replace("_", " "), n, f, 1.0, p95 / 2, p95, p95, p95)
-            for name, (n, f, p95) in named.items()}
+    rows = {
+        name.replace("_", " "): Row(name.replace("_", " "), n, f, 1.0, p95 / 2, p95, p95, p95)
+        for name, (n, f, p95) in named.items()
+    }
     rows["Aggregated"] = Row("Aggregated", 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
     return rows
 
@@ -138,14 +152,16 @@ def test_soak_queue_budget_is_sized_from_the_load_cost() -> None:
 
 def test_read_stats(tmp_path: Path) -> None:
     path = tmp_path / "run_stats.csv"
-    path.write_text("Type,Name,Request Count,Failure Count,Median Response Time,"
-                    "Average Response Time,Min Response Time,Max Response Time,"
-                    "Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,"
-                    "99%,99.9%,99.99%,100%\n"
-                    "POST,REST infer,7,0,120,130,90,400,9000,1.5,0,120,130,140,150,200,300,350,"
-                    "390,400,400,400\n"
-                    ",Aggregated,7,0,120,130,90,400,9000,1.5,0,120,N/A,140,150,200,300,350,"
-                    "390,400,400,400\n")
+    path.write_text(
+        "Type,Name,Request Count,Failure Count,Median Response Time,"
+        "Average Response Time,Min Response Time,Max Response Time,"
+        "Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,"
+        "99%,99.9%,99.99%,100%\n"
+        "POST,REST infer,7,0,120,130,90,400,9000,1.5,0,120,130,140,150,200,300,350,"
+        "390,400,400,400\n"
+        ",Aggregated,7,0,120,130,90,400,9000,1.5,0,120,N/A,140,150,200,300,350,"
+        "390,400,400,400\n"
+    )
     rows = read_stats(path)
     assert rows["REST infer"] == Row("REST infer", 7, 0, 1.5, 120, 300, 390, 400)
     assert rows["Aggregated"].requests == 7

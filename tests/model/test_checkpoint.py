@@ -86,11 +86,14 @@ def test_config_with_unknown_key_is_refused(tiny_checkpoints, tmp_path):
         load_model(model_dir)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("NeoQuasar/Kronos-mini", 4_108_032),
-    ("NeoQuasar/Kronos-small", 24_741_376),
-    ("NeoQuasar/Kronos-base", 102_310_592),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("NeoQuasar/Kronos-mini", 4_108_032),
+        ("NeoQuasar/Kronos-small", 24_741_376),
+        ("NeoQuasar/Kronos-base", 102_310_592),
+    ],
+)
 def test_preset_parameter_counts(name, expected):
     assert count_parameters(Kronos(PRESETS[name].model_config)) == expected
 
@@ -113,8 +116,7 @@ def test_hub_ids_resolve_offline_from_the_cache_with_preset_pairing(tiny_checkpo
     cache = tmp_path / "hub"
     _fake_hub_cache(cache, "NeoQuasar/Kronos-small", tiny_checkpoints[1])
     _fake_hub_cache(cache, "NeoQuasar/Kronos-Tokenizer-base", tiny_checkpoints[0])
-    forecaster = KronosForecaster.from_pretrained(None, "NeoQuasar/Kronos-small", cache_dir=cache,
-                                                  device="cpu")
+    forecaster = KronosForecaster.from_pretrained(None, "NeoQuasar/Kronos-small", cache_dir=cache, device="cpu")
     assert forecaster.max_context == 512
     assert forecaster.source["tokenizer"] == "NeoQuasar/Kronos-Tokenizer-base"
     _fake_hub_cache(cache, "NeoQuasar/Kronos-mini", tiny_checkpoints[1])

@@ -45,7 +45,9 @@ def test_batching_costs_no_more_than_the_parts_when_shapes_match():
 def test_over_budget_is_refused_naming_the_budget_and_the_cost():
     settings = ModelSettings(max_request_memory_mb=100, max_request_candles=1000)
     check_request_budget(generation_cost(SHAPE, [SeriesWork(400, 120, 1)]), settings)
-    with pytest.raises(KronosInputError, match=r"request: needs \d+ MiB .* budget of 100 MiB \(max_request_memory_mb\)"):
+    with pytest.raises(
+        KronosInputError, match=r"request: needs \d+ MiB .* budget of 100 MiB \(max_request_memory_mb\)"
+    ):
         check_request_budget(generation_cost(SHAPE, [SeriesWork(400, 120, 1)] * 4), settings)
     with pytest.raises(KronosInputError, match=r"generates 1200 candles .* \(max_request_candles\)"):
         check_request_budget(generation_cost(SHAPE, [SeriesWork(10, 100, 12)]), ModelSettings(max_request_candles=1000))

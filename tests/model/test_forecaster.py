@@ -18,8 +18,9 @@ def forecaster(tiny_checkpoints) -> KronosForecaster:
 
 def test_mixed_length_batch_equals_each_series_alone(forecaster, candles):
     lengths = {"A": 12, "B": 37, "C": 55, "D": 3}  # C and A+horizon exceed the context
-    history = pd.concat([candles(n, seed=i, series_id=sid) for i, (sid, n) in enumerate(lengths.items())],
-                        ignore_index=True)
+    history = pd.concat(
+        [candles(n, seed=i, series_id=sid) for i, (sid, n) in enumerate(lengths.items())], ignore_index=True
+    )
     together = forecaster.predict(history, pred_len=9, top_k=1)
     assert list(together["series_id"].unique()) == list(lengths)
     for sid in lengths:
@@ -64,8 +65,9 @@ def test_missing_volume_and_amount_rules(forecaster, candles):
     assert np.abs(ohlc[["volume", "amount"]].to_numpy()).max() < 1e-3
     no_amount = candles(20, amount=False)
     derived = no_amount.assign(amount=no_amount.volume * no_amount[["open", "high", "low", "close"]].mean(axis=1))
-    pd.testing.assert_frame_equal(forecaster.predict(no_amount, pred_len=3, top_k=1),
-                                  forecaster.predict(derived, pred_len=3, top_k=1))
+    pd.testing.assert_frame_equal(
+        forecaster.predict(no_amount, pred_len=3, top_k=1), forecaster.predict(derived, pred_len=3, top_k=1)
+    )
 
 
 def test_future_timestamps_inferred_from_each_series(forecaster, candles):
@@ -133,19 +135,22 @@ def test_input_errors_name_series_field_and_rule(forecaster, candles):
     assert _error(forecaster, text).field == "open"
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"pred_len": 0}, "pred_len"),
-    ({"pred_len": 41}, "pred_len"),  # longer than the context (40)
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"sample_count": 0}, "sample_count"),
-    ({"top_k": -1}, "top_k"),
-    ({"quantiles": [0.5, 1.0]}, "quantiles"),
-    ({"quantiles": [0.0]}, "quantiles"),
-    ({"freq": "fortnightly-ish"}, "freq"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"pred_len": 0}, "pred_len"),
+        ({"pred_len": 41}, "pred_len"),  # longer than the context (40)
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"sample_count": 0}, "sample_count"),
+        ({"top_k": -1}, "top_k"),
+        ({"quantiles": [0.5, 1.0]}, "quantiles"),
+        ({"quantiles": [0.0]}, "quantiles"),
+        ({"freq": "fortnightly-ish"}, "freq"),
+    ],
+)
 def test_parameter_errors(forecaster, candles, kwargs, field):
     assert _error(forecaster, candles(10), **kwargs).field == field
 

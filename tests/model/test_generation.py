@@ -26,14 +26,41 @@ TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
 
 def _pair(bits: int, d_model: int, n_heads: int, n_layers: int, seed: int):
     g = torch.Generator().manual_seed(seed)
-    tokenizer = KronosTokenizer(TokenizerConfig(
-        d_in=6, d_model=32, n_heads=4, ff_dim=48, n_enc_layers=2, n_dec_layers=3, ffn_dropout_p=0.0,
-        attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=bits, s2_bits=bits, beta=0.05, gamma0=1.0,
-        gamma=1.1, zeta=0.05, group_size=2))
-    model = Kronos(KronosConfig(
-        s1_bits=bits, s2_bits=bits, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-        ff_dim=2 * d_model, ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0,
-        token_dropout_p=0.0, learn_te=n_layers % 2 == 0))
+    tokenizer = KronosTokenizer(
+        TokenizerConfig(
+            d_in=6,
+            d_model=32,
+            n_heads=4,
+            ff_dim=48,
+            n_enc_layers=2,
+            n_dec_layers=3,
+            ffn_dropout_p=0.0,
+            attn_dropout_p=0.0,
+            resid_dropout_p=0.0,
+            s1_bits=bits,
+            s2_bits=bits,
+            beta=0.05,
+            gamma0=1.0,
+            gamma=1.1,
+            zeta=0.05,
+            group_size=2,
+        )
+    )
+    model = Kronos(
+        KronosConfig(
+            s1_bits=bits,
+            s2_bits=bits,
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            ff_dim=2 * d_model,
+            ffn_dropout_p=0.0,
+            attn_dropout_p=0.0,
+            resid_dropout_p=0.0,
+            token_dropout_p=0.0,
+            learn_te=n_layers % 2 == 0,
+        )
+    )
     return random_init_(tokenizer, g).to(TEST_DEVICE), random_init_(model, g).to(TEST_DEVICE)
 
 
@@ -41,8 +68,9 @@ def _series(length: int, pred_len: int, data_seed: int, **kwargs) -> SeriesInput
     g = torch.Generator().manual_seed(data_seed)
     candles = torch.randn(length, 6, generator=g).clamp(-5, 5)
     t = torch.arange(length + pred_len)
-    stamps = torch.stack([t % 60, (t // 60) % 24, (t // 1440) % 7, 1 + (t // 1440) % 28,
-                          1 + (t // 40320) % 12], dim=1).float()
+    stamps = torch.stack(
+        [t % 60, (t // 60) % 24, (t // 1440) % 7, 1 + (t // 1440) % 28, 1 + (t // 40320) % 12], dim=1
+    ).float()
     return SeriesInput(candles, stamps, pred_len, **kwargs)
 
 
@@ -58,13 +86,16 @@ SHAPES = [(10, 64, 8, 2), (6, 48, 2, 3), (8, 40, 5, 1)]
 
 
 @pytest.mark.parametrize(("bits", "d_model", "n_heads", "n_layers"), SHAPES)
-@pytest.mark.parametrize(("length", "pred_len", "max_context"), [
-    (20, 7, 32),   # fits the window
-    (25, 7, 32),   # fills it exactly
-    (28, 12, 32),  # slides during generation
-    (70, 6, 32),   # history longer than twice the window
-    (10, 32, 32),  # horizon as long as the window
-])
+@pytest.mark.parametrize(
+    ("length", "pred_len", "max_context"),
+    [
+        (20, 7, 32),  # fits the window
+        (25, 7, 32),  # fills it exactly
+        (28, 12, 32),  # slides during generation
+        (70, 6, 32),  # history longer than twice the window
+        (10, 32, 32),  # horizon as long as the window
+    ],
+)
 def test_greedy_fast_equals_reference(bits, d_model, n_heads, n_layers, length, pred_len, max_context):
     tokenizer, model = _pair(bits, d_model, n_heads, n_layers, seed=length)
     series = [_series(length, pred_len, data_seed=1, top_k=1, top_p=1.0)]
@@ -152,8 +183,7 @@ def test_admitted_generations_merge_and_match_alone():
     for step in range(60):
         for series, arrives in batches[1:]:
             if arrives == step:
-                newcomer = Generation(tokenizer, model, series, W, False,
-                                      drop_at_two if arrives == 7 else None)
+                newcomer = Generation(tokenizer, model, series, W, False, drop_at_two if arrives == 7 else None)
                 newcomer.start()
                 assert main.can_admit(newcomer)
                 parts.append(main.admit(newcomer))
@@ -192,8 +222,9 @@ def test_sampled_paths_differ_per_path_and_repeat_per_seed():
 def test_rolling_mode_is_exact_until_the_window_slides_then_approximate():
     tokenizer, model = _pair(10, 64, 4, 2, seed=7)
     fits = [_series(20, 10, data_seed=1, top_k=1, top_p=1.0)]
-    _assert_same(generate(tokenizer, model, fits, 32, "reference")[0],
-                 generate(tokenizer, model, fits, 32, "rolling")[0])
+    _assert_same(
+        generate(tokenizer, model, fits, 32, "reference")[0], generate(tokenizer, model, fits, 32, "rolling")[0]
+    )
     slides = [_series(30, 20, data_seed=2, top_k=1, top_p=1.0)]
     rolling, _ = generate(tokenizer, model, slides, 32, "rolling")
     exact, _ = generate(tokenizer, model, slides, 32, "fast")

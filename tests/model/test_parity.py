@@ -34,14 +34,23 @@ def _assert_close(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
 @pytest.fixture(scope="module")
 def fixture_forecaster(parity_dir, device):
     cases = json.loads((parity_dir / "cases.json").read_text())
-    return KronosForecaster.from_pretrained(parity_dir / "tokenizer", parity_dir / "model",
-                                            max_context=cases["max_context"], device=device)
+    return KronosForecaster.from_pretrained(
+        parity_dir / "tokenizer", parity_dir / "model", max_context=cases["max_context"], device=device
+    )
 
 
 def test_fixture_set_covers_expected_cases(parity_dir):
     names = {c["name"] for c in _cases(parity_dir)}
-    assert {"fits_window", "exact_fill", "slides", "long_history", "no_amount", "ohlc_only",
-            "one_step", "batch"} <= names
+    assert {
+        "fits_window",
+        "exact_fill",
+        "slides",
+        "long_history",
+        "no_amount",
+        "ohlc_only",
+        "one_step",
+        "batch",
+    } <= names
 
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
@@ -54,8 +63,14 @@ def test_single_series_cases_match_upstream(parity_dir, fixture_forecaster, mode
         history = _history(parity_dir, case["input"])
         future = pd.DataFrame({"timestamp": pd.to_datetime(case["future_timestamps"])})
         out = fixture_forecaster.predict(
-            history, case["pred_len"], future_timestamps=future, temperature=case["temperature"],
-            top_k=case["top_k"], top_p=case["top_p"], sample_count=case["sample_count"])
+            history,
+            case["pred_len"],
+            future_timestamps=future,
+            temperature=case["temperature"],
+            top_k=case["top_k"],
+            top_p=case["top_p"],
+            sample_count=case["sample_count"],
+        )
         _assert_close(out, pd.read_csv(parity_dir / case["expected"]))
         checked += 1
     fixture_forecaster.mode = "fast"
@@ -64,14 +79,16 @@ def test_single_series_cases_match_upstream(parity_dir, fixture_forecaster, mode
 
 def test_batch_case_matches_upstream(parity_dir, fixture_forecaster):
     case = next(c for c in _cases(parity_dir) if c["name"] == "batch")
-    history = pd.concat([_history(parity_dir, f"{m}_input.csv").assign(series_id=m)
-                         for m in case["members"]], ignore_index=True)
-    future = pd.DataFrame({
-        "series_id": np.repeat(case["members"], case["pred_len"]),
-        "timestamp": pd.to_datetime(np.concatenate(case["future_timestamps"])),
-    })
-    out = fixture_forecaster.predict(history, case["pred_len"], future_timestamps=future,
-                                     top_k=1, top_p=1.0)
+    history = pd.concat(
+        [_history(parity_dir, f"{m}_input.csv").assign(series_id=m) for m in case["members"]], ignore_index=True
+    )
+    future = pd.DataFrame(
+        {
+            "series_id": np.repeat(case["members"], case["pred_len"]),
+            "timestamp": pd.to_datetime(np.concatenate(case["future_timestamps"])),
+        }
+    )
+    out = fixture_forecaster.predict(history, case["pred_len"], future_timestamps=future, top_k=1, top_p=1.0)
     for member in case["members"]:
         part = out[out["series_id"] == member].reset_index(drop=True)
         _assert_close(part, pd.read_csv(parity_dir / f"{member}_expected.csv"))
@@ -89,12 +106,12 @@ def test_token_traces_match_upstream(parity_dir, mode, device):
             continue
         series = split_series(_history(parity_dir, case["input"]))[0]
         z, _, _ = normalise(series.candles, clip=case["clip"])
-        stamps = np.concatenate([calendar_features(series.timestamps),
-                                 calendar_features(pd.to_datetime(case["future_timestamps"]))])
+        stamps = np.concatenate(
+            [calendar_features(series.timestamps), calendar_features(pd.to_datetime(case["future_timestamps"]))]
+        )
         import torch
 
-        inputs = SeriesInput(torch.from_numpy(z), torch.from_numpy(stamps), case["pred_len"],
-                             top_k=1, top_p=1.0)
+        inputs = SeriesInput(torch.from_numpy(z), torch.from_numpy(stamps), case["pred_len"], top_k=1, top_p=1.0)
         (out,), _ = generate(tokenizer, model, [inputs], max_context, mode)
         trace = json.loads((parity_dir / case["tokens"]).read_text())
         assert out.input_s1.tolist() == trace["input_s1"], case["name"]

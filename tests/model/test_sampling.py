@@ -39,8 +39,7 @@ def test_rows_use_their_own_settings():
 def test_greedy_is_argmax_whatever_the_draw():
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
     for u in (0.0, 0.5, 0.999999):
-        ids = sample_tokens(logits, torch.ones(64), torch.ones(64, dtype=torch.long), torch.ones(64),
-                            np.full(64, u))
+        ids = sample_tokens(logits, torch.ones(64), torch.ones(64, dtype=torch.long), torch.ones(64), np.full(64, u))
         assert torch.equal(ids, logits.argmax(-1))
 
 
@@ -48,8 +47,13 @@ def test_draw_frequencies_follow_softmax_with_temperature():
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
     temperature = 2.0
     keys = path_keys(5, 20000)
-    ids = sample_tokens(logits, torch.full((20000,), temperature), torch.zeros(20000, dtype=torch.long),
-                        torch.ones(20000), uniforms(keys, 0, 0))
+    ids = sample_tokens(
+        logits,
+        torch.full((20000,), temperature),
+        torch.zeros(20000, dtype=torch.long),
+        torch.ones(20000),
+        uniforms(keys, 0, 0),
+    )
     freq = torch.bincount(ids, minlength=3).float() / 20000
     expected = torch.softmax(logits[0] / temperature, -1)
     assert torch.allclose(freq, expected, atol=0.015)
@@ -57,8 +61,13 @@ def test_draw_frequencies_follow_softmax_with_temperature():
 
 def test_filtered_tokens_are_never_drawn():
     logits = torch.tensor([[5.0, 4.0, -1.0, -2.0]]).repeat(5000, 1)
-    ids = sample_tokens(logits, torch.ones(5000), torch.zeros(5000, dtype=torch.long),
-                        torch.full((5000,), 0.8), uniforms(path_keys(1, 5000), 3, 1))
+    ids = sample_tokens(
+        logits,
+        torch.ones(5000),
+        torch.zeros(5000, dtype=torch.long),
+        torch.full((5000,), 0.8),
+        uniforms(path_keys(1, 5000), 3, 1),
+    )
     assert set(ids.tolist()) <= {0, 1}
 
 

@@ -28,9 +28,13 @@ def forecaster(tiny_checkpoints) -> KronosForecaster:
 @pytest.fixture
 def two_series(candles) -> pd.DataFrame:
     """Rows 0-9: series 'A'; rows 10-19: series 'B' (daily)."""
-    return pd.concat([candles(10, seed=1, series_id="A", start="2024-01-01", freq="D"),
-                      candles(10, seed=2, series_id="B", start="2024-01-01", freq="D")],
-                     ignore_index=True)
+    return pd.concat(
+        [
+            candles(10, seed=1, series_id="A", start="2024-01-01", freq="D"),
+            candles(10, seed=2, series_id="B", start="2024-01-01", freq="D"),
+        ],
+        ignore_index=True,
+    )
 
 
 def _refused(forecaster, history, params=None, future_timestamps=None) -> KronosInputError:
@@ -44,6 +48,7 @@ def _set(column, row, value):
         df = df.astype({column: object}) if not isinstance(value, float) else df
         df.loc[row, column] = value
         return df
+
     return mutate
 
 
@@ -60,8 +65,12 @@ CANDLE_CASES = [
     (_set("amount", 11, -5.0), "B", "amount", "must be >= 0 (strict_candles), got -5 at row 11"),
     (_set("close", 5, 1e300), "A", "close", "magnitude must be <= 1e+15 (float32 normalisation), got 1e+300"),
     (_set("volume", 5, 2e15), "A", "volume", "magnitude must be <= 1e+15"),
-    (lambda df: df.drop(columns="amount").assign(volume=1e14), "A", "amount",
-     "magnitude must be <= 1e+15 (float32 normalisation), got 1.0"),
+    (
+        lambda df: df.drop(columns="amount").assign(volume=1e14),
+        "A",
+        "amount",
+        "magnitude must be <= 1e+15 (float32 normalisation), got 1.0",
+    ),
     (_set("close", 5, np.nan), "A", "close", "must not contain NaN or infinite values (1 rows, first at row 5)"),
     (_set("low", 6, "inf"), "A", "low", "must not contain NaN or infinite values"),
     (_set("high", 6, "abc"), "A", "high", "must be numeric"),
@@ -83,10 +92,17 @@ def test_message_names_series_field_rule_value_and_row(forecaster, two_series):
     assert str(err) == "series 'B', close: must be > 0 (strict_candles), got -3 at row 15"
 
 
-@pytest.mark.parametrize("mutate", [
-    _set("close", 15, -3.0), _set("open", 2, 0.0), lambda df: df.assign(high=df["low"] * 0.5),
-    _set("open", 12, 1e6), _set("volume", 4, -1.0), _set("amount", 11, -5.0),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _set("close", 15, -3.0),
+        _set("open", 2, 0.0),
+        lambda df: df.assign(high=df["low"] * 0.5),
+        _set("open", 12, 1e6),
+        _set("volume", 4, -1.0),
+        _set("amount", 11, -5.0),
+    ],
+)
 def test_strict_candles_false_skips_only_sign_and_ordering(forecaster, two_series, mutate):
     history = mutate(two_series.copy())
     loose = SamplingParams(pred_len=3, top_k=1, strict_candles=False)
@@ -128,24 +144,33 @@ def test_values_at_the_bound_forecast_finite(forecaster, candles):
 
 def test_non_finite_forecasts_are_refused_not_returned(forecaster, candles):
     request = forecaster.prepare(candles(10), SamplingParams(pred_len=2))
-    nan_paths = SeriesOutput(paths=torch.full((1, 2, 6), float("nan")), input_s1=torch.zeros(1),
-                             input_s2=torch.zeros(1), window_s1=torch.zeros(1), window_s2=torch.zeros(1))
+    nan_paths = SeriesOutput(
+        paths=torch.full((1, 2, 6), float("nan")),
+        input_s1=torch.zeros(1),
+        input_s2=torch.zeros(1),
+        window_s1=torch.zeros(1),
+        window_s2=torch.zeros(1),
+    )
     with pytest.raises(KronosInputError, match="not finite"):
         forecaster.finish(request, [nan_paths])
 
 
 # -- frame shape and series ids ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("mutate", "field", "fragment"), [
-    (lambda df: pd.concat([df, df[["close"]]], axis=1), "close", "column given more than once"),
-    (lambda df: df.drop(columns=["timestamp"]), "timestamp", "required column missing"),
-    (_set("series_id", 3, None), "series_id", "must not be empty, got an empty value at row 3"),
-    (_set("series_id", 3, ["A"]), "series_id", "must be strings or integers, got list"),
-    (_set("series_id", 3, True), "series_id", "must be strings or integers, got bool"),
-    (lambda df: df.assign(series_id=1.5), "series_id", "must be strings or integers"),
-    (lambda df: df.head(0), "history", "at least one row"),
-    (lambda df: df.head(11), "history", "needs at least 2 candles, got 1"),
-])
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "fragment"),
+    [
+        (lambda df: pd.concat([df, df[["close"]]], axis=1), "close", "column given more than once"),
+        (lambda df: df.drop(columns=["timestamp"]), "timestamp", "required column missing"),
+        (_set("series_id", 3, None), "series_id", "must not be empty, got an empty value at row 3"),
+        (_set("series_id", 3, ["A"]), "series_id", "must be strings or integers, got list"),
+        (_set("series_id", 3, True), "series_id", "must be strings or integers, got bool"),
+        (lambda df: df.assign(series_id=1.5), "series_id", "must be strings or integers"),
+        (lambda df: df.head(0), "history", "at least one row"),
+        (lambda df: df.head(11), "history", "needs at least 2 candles, got 1"),
+    ],
+)
 def test_frame_rules(forecaster, two_series, mutate, field, fragment):
     err = _refused(forecaster, mutate(two_series.copy()))
     assert err.field == field and fragment in err.rule
@@ -188,22 +213,25 @@ def test_date_strings_and_datetime_objects_are_accepted(forecaster, candles):
     as_objects = history.assign(timestamp=pd.Series([t.to_pydatetime() for t in history["timestamp"]], dtype=object))
     want = forecaster.predict(history, pred_len=2, top_k=1)
     for variant in (as_text, as_objects):
-        pd.testing.assert_frame_equal(forecaster.predict(variant, pred_len=2, top_k=1), want,
-                                      check_dtype=False)
+        pd.testing.assert_frame_equal(forecaster.predict(variant, pred_len=2, top_k=1), want, check_dtype=False)
 
 
 # -- future timestamps --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("freq", "fragment"), [
-    ("0D", "cannot generate 3 timestamps after"),
-    ("0min", "cannot generate 3 timestamps after"),
-    ("1000YE", "would pass"),
-    ("-1D", "future timestamps must start after the last history timestamp"),
-    ("-5min", "future timestamps must start after the last history timestamp"),
-    ("0B", "gives 0 future timestamps, need pred_len=3"),
-    ("1000000D", "timestamps after"),  # pandas 2: cannot generate; pandas 3: would pass
-    ("fortnightly-ish", "not a pandas frequency"),
-])
+
+@pytest.mark.parametrize(
+    ("freq", "fragment"),
+    [
+        ("0D", "cannot generate 3 timestamps after"),
+        ("0min", "cannot generate 3 timestamps after"),
+        ("1000YE", "would pass"),
+        ("-1D", "future timestamps must start after the last history timestamp"),
+        ("-5min", "future timestamps must start after the last history timestamp"),
+        ("0B", "gives 0 future timestamps, need pred_len=3"),
+        ("1000000D", "timestamps after"),  # pandas 2: cannot generate; pandas 3: would pass
+        ("fortnightly-ish", "not a pandas frequency"),
+    ],
+)
 def test_freq_rules(forecaster, candles, freq, fragment):
     err = _refused(forecaster, candles(10), SamplingParams(pred_len=3, freq=freq))
     assert err.field == "freq" and fragment in err.rule, err
@@ -217,12 +245,15 @@ def test_good_freqs_give_increasing_timestamps_after_the_history(forecaster, can
         assert future.is_monotonic_increasing and future.is_unique and future[0] > history["timestamp"].iloc[-1]
 
 
-@pytest.mark.parametrize(("start", "freq", "params", "field"), [
-    ("2262-03-20", "D", SamplingParams(pred_len=30), "pred_len"),  # inferred daily spacing overflows
-    ("2262-03-20", "B", SamplingParams(pred_len=30), "pred_len"),
-    ("2262-04-11 22:00", "5min", SamplingParams(pred_len=30), "pred_len"),  # past 23:47:16
-    ("2262-03-20", "D", SamplingParams(pred_len=3, freq="30D"), "freq"),
-])
+@pytest.mark.parametrize(
+    ("start", "freq", "params", "field"),
+    [
+        ("2262-03-20", "D", SamplingParams(pred_len=30), "pred_len"),  # inferred daily spacing overflows
+        ("2262-03-20", "B", SamplingParams(pred_len=30), "pred_len"),
+        ("2262-04-11 22:00", "5min", SamplingParams(pred_len=30), "pred_len"),  # past 23:47:16
+        ("2262-03-20", "D", SamplingParams(pred_len=3, freq="30D"), "freq"),
+    ],
+)
 def test_horizons_past_the_timestamp_limit(forecaster, candles, start, freq, params, field):
     history = candles(10, start=start, freq=freq)
     err = _refused(forecaster, history, params)
@@ -239,8 +270,12 @@ def test_given_future_timestamps_follow_the_same_rules(forecaster, candles):
         "timezone": future.assign(timestamp=future["timestamp"].dt.tz_localize("UTC")),
         "before the history": pd.DataFrame({"timestamp": pd.date_range("2023-01-01", periods=3)}),
     }
-    fragments = {"decreasing": "strictly increasing", "numbers": "got numbers",
-                 "timezone": "timezone-naive", "before the history": "start after the last history"}
+    fragments = {
+        "decreasing": "strictly increasing",
+        "numbers": "got numbers",
+        "timezone": "timezone-naive",
+        "before the history": "start after the last history",
+    }
     for name, frame in cases.items():
         err = _refused(forecaster, history, SamplingParams(pred_len=3), frame)
         assert err.field == "future_timestamps" and fragments[name] in err.rule, (name, err)
@@ -289,8 +324,13 @@ def test_sampling_param_ranges(kwargs, field, fragment):
 
 
 def test_params_are_stored_as_plain_python_types():
-    params = SamplingParams(pred_len=np.int64(3), temperature=np.float32(0.5), seed=np.uint64(2**64 - 1),
-                            quantiles=[np.float64(0.5)], strict_candles=np.bool_(False))
+    params = SamplingParams(
+        pred_len=np.int64(3),
+        temperature=np.float32(0.5),
+        seed=np.uint64(2**64 - 1),
+        quantiles=[np.float64(0.5)],
+        strict_candles=np.bool_(False),
+    )
     assert type(params.pred_len) is int and type(params.temperature) is float
     assert params.seed == 2**64 - 1 and type(params.seed) is int
     assert params.quantiles == (0.5,) and params.strict_candles is False
@@ -310,6 +350,7 @@ def test_extreme_temperatures_give_finite_forecasts(forecaster, candles):
 
 
 # -- seeds ----------------------------------------------------------------------------------------
+
 
 def test_every_seed_in_range_gives_its_own_reproducible_draws(forecaster, candles):
     seeds = [0, 1, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1]
@@ -336,6 +377,7 @@ def test_series_seed_is_a_bijection_per_index_and_distinct_per_series():
 
 
 # -- one source of truth for defaults --------------------------------------------------------------
+
 
 def test_predict_defaults_are_the_sampling_params_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}

@@ -34,23 +34,35 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 # The serving runtime's metric contract (kronos_* from the MLServer worker), Prometheus'
 # own `up`, and the gateway exporter's series.
 RUNTIME_COUNTERS = {"kronos_requests_total", "kronos_generated_candles_total", "kronos_abandoned_series_total"}
-RUNTIME_HISTOGRAMS = {"kronos_request_seconds", "kronos_queue_wait_seconds",
-                      "kronos_inference_seconds", "kronos_batch_series", "kronos_batch_requests",
-                      "kronos_step_series"}
-RUNTIME_GAUGES = {"kronos_queue_series", "kronos_queue_cost_bytes", "kronos_queue_budget_bytes",
-                  "kronos_running_series", "kronos_running_cost_bytes", "kronos_running_budget_bytes",
-                  "kronos_model_info",
-                  "kronos_model_version", "kronos_ready",
-                  "kronos_last_progress_timestamp_seconds",
-                  "kronos_worker_resident_memory_bytes"}
-RUNTIME_SERIES = (RUNTIME_COUNTERS | RUNTIME_GAUGES
-                  | {f"{h}{s}" for h in RUNTIME_HISTOGRAMS for s in ("_bucket", "_sum", "_count")})
+RUNTIME_HISTOGRAMS = {
+    "kronos_request_seconds",
+    "kronos_queue_wait_seconds",
+    "kronos_inference_seconds",
+    "kronos_batch_series",
+    "kronos_batch_requests",
+    "kronos_step_series",
+}
+RUNTIME_GAUGES = {
+    "kronos_queue_series",
+    "kronos_queue_cost_bytes",
+    "kronos_queue_budget_bytes",
+    "kronos_running_series",
+    "kronos_running_cost_bytes",
+    "kronos_running_budget_bytes",
+    "kronos_model_info",
+    "kronos_model_version",
+    "kronos_ready",
+    "kronos_last_progress_timestamp_seconds",
+    "kronos_worker_resident_memory_bytes",
+}
+RUNTIME_SERIES = (
+    RUNTIME_COUNTERS | RUNTIME_GAUGES | {f"{h}{s}" for h in RUNTIME_HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+)
 
 
 def promtool(*args: str | Path, cwd: Path = MONITORING) -> subprocess.CompletedProcess[str]:
     """Run promtool; the result carries its exit status and output."""
-    return subprocess.run([PROMTOOL, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([PROMTOOL, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 # ------------------------------------------------------------------ Prometheus, promtool
@@ -90,9 +102,15 @@ def test_alert_unit_tests_pass() -> None:
 
 
 REQUIRED_ALERTS = {
-    "KronosServiceDown", "KronosNotReady", "KronosHighErrorRatio", "KronosHighLatencyP95",
-    "KronosQueueSaturated", "KronosOverloaded", "KronosGatewayRateLimitSurge",
-    "KronosModelVersionChanged", "KronosWorkerMemoryHigh",
+    "KronosServiceDown",
+    "KronosNotReady",
+    "KronosHighErrorRatio",
+    "KronosHighLatencyP95",
+    "KronosQueueSaturated",
+    "KronosOverloaded",
+    "KronosGatewayRateLimitSurge",
+    "KronosModelVersionChanged",
+    "KronosWorkerMemoryHigh",
 }
 
 
@@ -117,22 +135,34 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    # a threshold too lax: the error-ratio alert no longer fires on 7% errors
-    ("          > 0.05\n        for: 5m\n        labels:\n          severity: critical",
-     "          > 0.5\n        for: 5m\n        labels:\n          severity: critical"),
-    # the volume guard gone: an idle gateway with 2 of 4 requests rate-limited would page
-    ("          and\n          (sum by (job) (rate(kronos_gateway_requests_total"
-     "{status=\"429\"}[5m])) > 0.2)\n", "\n"),
-    # no `for`: a readiness blip (or a normal cold start) would page
-    ("max by (job, instance) (kronos_ready))\n        for: 5m",
-     "max by (job, instance) (kronos_ready))\n        for: 0m"),
-    # a dead worker (no kronos_ready series at all) would go unnoticed
-    ("          or\n          (max by (job, instance) (up{job=\"kronos\"}) == 1\n"
-     "            unless on (job, instance) max by (job, instance) (kronos_ready))\n", "\n"),
-    # invalid requests counted as failures
-    ('outcome=~"error|timeout|unavailable"', 'outcome=~"error|timeout|unavailable|invalid"'),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # a threshold too lax: the error-ratio alert no longer fires on 7% errors
+        (
+            "          > 0.05\n        for: 5m\n        labels:\n          severity: critical",
+            "          > 0.5\n        for: 5m\n        labels:\n          severity: critical",
+        ),
+        # the volume guard gone: an idle gateway with 2 of 4 requests rate-limited would page
+        (
+            '          and\n          (sum by (job) (rate(kronos_gateway_requests_total{status="429"}[5m])) > 0.2)\n',
+            "\n",
+        ),
+        # no `for`: a readiness blip (or a normal cold start) would page
+        (
+            "max by (job, instance) (kronos_ready))\n        for: 5m",
+            "max by (job, instance) (kronos_ready))\n        for: 0m",
+        ),
+        # a dead worker (no kronos_ready series at all) would go unnoticed
+        (
+            '          or\n          (max by (job, instance) (up{job="kronos"}) == 1\n'
+            "            unless on (job, instance) max by (job, instance) (kronos_ready))\n",
+            "\n",
+        ),
+        # invalid requests counted as failures
+        ('outcome=~"error|timeout|unavailable"', 'outcome=~"error|timeout|unavailable|invalid"'),
+    ],
+)
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
     text = ALERTS_PATH.read_text()
     assert old in text
@@ -185,8 +215,9 @@ def test_dashboard_json_is_in_provisioning_format() -> None:
         grid = panel["gridPos"]
         assert all(isinstance(grid[k], int) for k in ("x", "y", "w", "h"))
         assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                for y in range(grid["y"], grid["y"] + grid["h"])}
+        area = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
         assert panel["datasource"] == {"type": "prometheus", "uid": uid}
@@ -201,8 +232,15 @@ def test_dashboard_json_is_in_provisioning_format() -> None:
 
 def test_dashboard_has_the_required_panels() -> None:
     titles = " | ".join(panel["title"].lower() for panel in _dashboard()["panels"])
-    for wanted in ("requests by outcome", "latency percentiles", "batch size", "queue",
-                   "errors by kind", "model version", "gateway 4xx / 5xx"):
+    for wanted in (
+        "requests by outcome",
+        "latency percentiles",
+        "batch size",
+        "queue",
+        "errors by kind",
+        "model version",
+        "gateway 4xx / 5xx",
+    ):
         assert wanted in titles, wanted
 
 
@@ -210,17 +248,21 @@ def test_dashboard_has_the_required_panels() -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.95, sum by (job, le) (rate(kronos_request_seconds_bucket'
-            '{outcome=~"ok|x", le!="1"}[$__rate_interval]))) > 6e9 and on (job) up == 1 '
-            'unless time() - kronos_last_progress_timestamp_seconds offset 5m > 180')
-    assert promql_metric_names(expr) == {"kronos_request_seconds_bucket", "up",
-                                         "kronos_last_progress_timestamp_seconds"}
+    expr = (
+        "histogram_quantile(0.95, sum by (job, le) (rate(kronos_request_seconds_bucket"
+        '{outcome=~"ok|x", le!="1"}[$__rate_interval]))) > 6e9 and on (job) up == 1 '
+        "unless time() - kronos_last_progress_timestamp_seconds offset 5m > 180"
+    )
+    assert promql_metric_names(expr) == {
+        "kronos_request_seconds_bucket",
+        "up",
+        "kronos_last_progress_timestamp_seconds",
+    }
 
 
 def test_metric_names_file_is_current() -> None:
     listed = NAMES_PATH.read_text().split()
-    assert listed == metric_names_used(), (
-        "refresh with: python -m serving.monitoring.metric_names --write")
+    assert listed == metric_names_used(), "refresh with: python -m serving.monitoring.metric_names --write"
 
 
 def test_alerts_and_dashboard_use_only_exported_names() -> None:
@@ -234,18 +276,17 @@ def test_alerts_and_dashboard_use_only_exported_names() -> None:
     dashboard_names: set[str] = set()
     for expr in dashboard_expressions():
         dashboard_names |= promql_metric_names(expr)
-    bases = {name.removesuffix(s) for name in dashboard_names
-             for s in ("_bucket", "_sum", "_count") if name.endswith(s)}
+    bases = {
+        name.removesuffix(s) for name in dashboard_names for s in ("_bucket", "_sum", "_count") if name.endswith(s)
+    }
     missing = (RUNTIME_COUNTERS | RUNTIME_GAUGES | RUNTIME_HISTOGRAMS) - dashboard_names - bases
     assert not missing, f"no panel shows {sorted(missing)}"
 
 
 def test_gateway_names_used_are_exported_by_the_gateway_exporter() -> None:
     metrics = GatewayLogMetrics()
-    metrics.observe_line(json.dumps({"status": 200, "route": "grpc", "request_time": 0.1,
-                                     "grpc_status": "0"}))
-    exported = {sample.name for family in metrics.registry.collect()
-                for sample in family.samples}
+    metrics.observe_line(json.dumps({"status": 200, "route": "grpc", "request_time": 0.1, "grpc_status": "0"}))
+    exported = {sample.name for family in metrics.registry.collect() for sample in family.samples}
     gateway = {name for name in metric_names_used() if name.startswith("kronos_gateway_")}
     assert gateway and gateway <= exported
 
@@ -254,9 +295,17 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each panel query (as a recording rule; Grafana's $__rate_interval
     becomes 5m), so a typo in a panel fails here instead of showing an empty panel."""
     exprs = dashboard_expressions()
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "5m")}
-        for i, expr in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "5m")}
+                    for i, expr in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", tmp_path / "dashboard-rules.yml")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,8 +13,7 @@ from serving.local_server import LocalRegistry, tracking_uri
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory,
-             tiny_checkpoints: tuple[Path, Path]) -> Registry:
+def registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> Registry:
     """Log the tiny checkpoint pair as `kronos` v1 with alias `champion`, in a fresh sqlite
     registry whose artifacts live in the temp dir (not ./mlruns)."""
     local = LocalRegistry.create(tmp_path_factory.mktemp("registry"), "kronos-pyfunc-tests")

@@ -37,8 +37,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_python(code: str, cwd: Path, env: dict[str, str], isolated: bool = False) -> dict:
     """Run `code` with this venv's Python in `cwd`; it prints one JSON object last."""
     args = [sys.executable, *(["-I"] if isolated else []), "-c", code]
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=SUBPROCESS_TIMEOUT_S, check=False)
+    done = subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
+    )
     assert done.returncode == 0, f"child failed ({done.returncode}):\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
-

@@ -50,8 +50,7 @@ def history() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoints, history) -> pd.DataFrame:
     tokenizer_dir, model_dir = tiny_checkpoints
-    forecaster = KronosForecaster.from_pretrained(tokenizer_dir, model_dir,
-                                                  max_context=TINY_MAX_CONTEXT, device="cpu")
+    forecaster = KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=TINY_MAX_CONTEXT, device="cpu")
     return forecaster.predict(history, PARAMS["pred_len"], top_k=1, quantiles=PARAMS["quantiles"])
 
 
@@ -61,14 +60,13 @@ def _ns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(timestamp=frame["timestamp"].astype("datetime64[ns]"))
 
 
-def _run(registry, tmp_path: Path, history: pd.DataFrame, uri: str, prelude: str = "",
-         isolated: bool = False) -> tuple[pd.DataFrame, str]:
+def _run(
+    registry, tmp_path: Path, history: pd.DataFrame, uri: str, prelude: str = "", isolated: bool = False
+) -> tuple[pd.DataFrame, str]:
     history_path, out_path = tmp_path / "history.parquet", tmp_path / "forecast.parquet"
     history.to_parquet(history_path)
-    code = prelude + LOAD_AND_PREDICT.format(uri=uri, history=str(history_path), params=PARAMS,
-                                             out=str(out_path))
-    result = run_python(code, tmp_path, clean_env(MLFLOW_TRACKING_URI=registry.tracking_uri),
-                        isolated=isolated)
+    code = prelude + LOAD_AND_PREDICT.format(uri=uri, history=str(history_path), params=PARAMS, out=str(out_path))
+    result = run_python(code, tmp_path, clean_env(MLFLOW_TRACKING_URI=registry.tracking_uri), isolated=isolated)
     return pd.read_parquet(out_path), result["module"]
 
 
@@ -76,16 +74,19 @@ def test_registry_version_in_new_process_matches_forecaster(registry, tmp_path, 
     assert registry.info.registered_model_version == 1
     forecast, _ = _run(registry, tmp_path, history, f"models:/{MODEL_NAME}/1")
     pd.testing.assert_frame_equal(_ns(forecast), _ns(expected))
-    assert list(forecast.columns[:8]) == ["series_id", "timestamp", "open", "high", "low",
-                                          "close", "volume", "amount"]
+    assert list(forecast.columns[:8]) == ["series_id", "timestamp", "open", "high", "low", "close", "volume", "amount"]
     assert {"close_q0.2", "close_q0.8"} <= set(forecast.columns)
     assert forecast.groupby("series_id").size().to_dict() == {"NASDAQ": 5, "SP500": 5}
 
 
 def test_model_folder_runs_without_the_project(tracking, tmp_path, history, expected):
-    model_dir = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path / "downloaded"),
-        tracking_uri=tracking.tracking_uri))
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL_NAME}/1",
+            dst_path=str(tmp_path / "downloaded"),
+            tracking_uri=tracking.tracking_uri,
+        )
+    )
     repo = str(Path(__file__).resolve().parents[2])
     prelude = WITHOUT_PROJECT.format(repo=repo)
     forecast, module = _run(tracking, tmp_path, history, str(model_dir), prelude, isolated=True)
@@ -94,9 +95,11 @@ def test_model_folder_runs_without_the_project(tracking, tmp_path, history, expe
 
 
 def test_checkpoints_are_copied_into_the_model(tracking, tmp_path):
-    model_dir = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path),
-        tracking_uri=tracking.tracking_uri))
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path), tracking_uri=tracking.tracking_uri
+        )
+    )
     for name in (TOKENIZER_ARTIFACT, MODEL_ARTIFACT):
         files = sorted(p.name for p in (model_dir / "artifacts" / name).iterdir())
         assert files == ["config.json", "model.safetensors"]

@@ -12,8 +12,10 @@ from model_package import KronosInputError
 from model_package.scoring import parse_scoring_request
 
 COLUMNS = ["series_id", "timestamp", "open", "high", "low", "close", "volume"]
-ROWS = [["SP500", "2018-12-26", 2363.1, 2467.7, 2346.5, 2467.6, 4233990000.0],
-        ["SP500", "2018-12-27", 2442.5, 2489.1, 2397.9, 2488.8, 4096610000.0]]
+ROWS = [
+    ["SP500", "2018-12-26", 2363.1, 2467.7, 2346.5, 2467.6, 4233990000.0],
+    ["SP500", "2018-12-27", 2442.5, 2489.1, 2397.9, 2488.8, 4096610000.0],
+]
 
 
 def _body(document: object) -> bytes:
@@ -21,8 +23,9 @@ def _body(document: object) -> bytes:
 
 
 def test_dataframe_split_with_params():
-    frame, params = parse_scoring_request(_body({
-        "dataframe_split": {"columns": COLUMNS, "data": ROWS}, "params": {"pred_len": 2, "seed": 7}}))
+    frame, params = parse_scoring_request(
+        _body({"dataframe_split": {"columns": COLUMNS, "data": ROWS}, "params": {"pred_len": 2, "seed": 7}})
+    )
     pd.testing.assert_frame_equal(frame, pd.DataFrame(ROWS, columns=COLUMNS))
     assert params == {"pred_len": 2, "seed": 7}
 
@@ -37,8 +40,9 @@ def test_dataframe_records_and_no_params():
 
 
 def test_split_with_index_and_str_body():
-    frame, _ = parse_scoring_request(json.dumps({
-        "dataframe_split": {"columns": COLUMNS, "data": ROWS, "index": [5, 6]}}))
+    frame, _ = parse_scoring_request(
+        json.dumps({"dataframe_split": {"columns": COLUMNS, "data": ROWS, "index": [5, 6]}})
+    )
     assert len(frame) == 2 and list(frame.columns) == COLUMNS
 
 
@@ -76,23 +80,43 @@ HOSTILE = [
     (_body({"dataframe_split": {**SPLIT, "dtypes": {}}}), "dataframe_split", "unknown key 'dtypes'"),
     (_body({"dataframe_split": {"columns": "abc", "data": ROWS}}), "dataframe_split.columns", "must be an array"),
     (_body({"dataframe_split": {"columns": COLUMNS, "data": "abc"}}), "dataframe_split.data", "must be an array"),
-    (_body({"dataframe_split": {"columns": [1, 2], "data": [[1, 2]]}}), "dataframe_split.columns",
-     "column names must be strings"),
-    (_body({"dataframe_split": {"columns": ["close", "close"], "data": [[1, 2]]}}), "dataframe_split.columns",
-     "column given more than once: close"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0][:3]]}}), "dataframe_split.data",
-     "row 0 has 3 values, expected 7"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], [*ROWS[1], 1.0]]}}), "dataframe_split.data",
-     "row 1 has 8 values, expected 7"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], "row"]}}), "dataframe_split.data",
-     "row 1 must be an array, got a string"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [{"close": 1}]}}), "dataframe_split.data",
-     "row 0 must be an array, got an object"),
+    (
+        _body({"dataframe_split": {"columns": [1, 2], "data": [[1, 2]]}}),
+        "dataframe_split.columns",
+        "column names must be strings",
+    ),
+    (
+        _body({"dataframe_split": {"columns": ["close", "close"], "data": [[1, 2]]}}),
+        "dataframe_split.columns",
+        "column given more than once: close",
+    ),
+    (
+        _body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0][:3]]}}),
+        "dataframe_split.data",
+        "row 0 has 3 values, expected 7",
+    ),
+    (
+        _body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], [*ROWS[1], 1.0]]}}),
+        "dataframe_split.data",
+        "row 1 has 8 values, expected 7",
+    ),
+    (
+        _body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], "row"]}}),
+        "dataframe_split.data",
+        "row 1 must be an array, got a string",
+    ),
+    (
+        _body({"dataframe_split": {"columns": COLUMNS, "data": [{"close": 1}]}}),
+        "dataframe_split.data",
+        "row 0 must be an array, got an object",
+    ),
     (_body({"dataframe_split": {**SPLIT, "index": [1]}}), "dataframe_split.index", "one per row"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], [*ROWS[1][:5], [1.0], 3.0]]}}), "close",
-     "must be strings, numbers, booleans or null, got an array [1.0] at row 1"),
-    (_body({"dataframe_split": {"columns": COLUMNS, "data": [[*ROWS[0][:6], {"v": 1}]]}}), "volume",
-     "got an object"),
+    (
+        _body({"dataframe_split": {"columns": COLUMNS, "data": [ROWS[0], [*ROWS[1][:5], [1.0], 3.0]]}}),
+        "close",
+        "must be strings, numbers, booleans or null, got an array [1.0] at row 1",
+    ),
+    (_body({"dataframe_split": {"columns": COLUMNS, "data": [[*ROWS[0][:6], {"v": 1}]]}}), "volume", "got an object"),
     (_body({"dataframe_records": {"close": [1.0]}}), "dataframe_records", "must be an array of objects"),
     (_body({"dataframe_records": "x"}), "dataframe_records", "must be an array of objects"),
     (_body({"dataframe_records": [[1, 2]]}), "dataframe_records", "row 0 must be an object"),

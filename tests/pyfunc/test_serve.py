@@ -47,8 +47,7 @@ def readme_serve_command() -> str:
 def _path_without_venv(path: str) -> str:
     """PATH with this venv's bin directory removed, as in a shell that never activated it."""
     venv_bins = {Path(sys.executable).parent.resolve(), (Path(sys.prefix) / "bin").resolve()}
-    kept = [entry for entry in path.split(os.pathsep)
-            if entry and Path(entry).resolve() not in venv_bins]
+    kept = [entry for entry in path.split(os.pathsep) if entry and Path(entry).resolve() not in venv_bins]
     return os.pathsep.join(kept)
 
 
@@ -79,14 +78,14 @@ def server(registry, tmp_path_factory) -> Iterator[HttpProcess]:
     env.pop("MLFLOW_TRACKING_URI", None)  # the command sets its own
     found = shutil.which("uvicorn", path=env["PATH"])
     assert found is None or not Path(found).resolve().is_relative_to(Path(sys.prefix).resolve())
-    with start_models_serve(command, port, workdir / "server.log", workdir, env,
-                            timeout_s=START_TIMEOUT_S) as server:
+    with start_models_serve(command, port, workdir / "server.log", workdir, env, timeout_s=START_TIMEOUT_S) as server:
         yield server
 
 
 def _invoke(server: HttpProcess, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{server.url}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server.url}/invocations", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             return response.status, json.loads(response.read())
@@ -110,19 +109,21 @@ def test_forecast_over_invocations(server, history, tiny_checkpoints):
     status, body = _invoke(server, {"dataframe_split": _split(history), "params": params})
     assert status == 200, body
     forecast = pd.DataFrame(body["predictions"])
-    forecaster = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=TINY_MAX_CONTEXT,
-                                                  device="cpu")
+    forecaster = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=TINY_MAX_CONTEXT, device="cpu")
     expected = forecaster.predict(history, 3, top_k=1, quantiles=[0.5])
     assert list(forecast.columns) == list(expected.columns)
     assert pd.to_datetime(forecast["timestamp"]).tolist() == [
-        pd.Timestamp("2019-01-01"), pd.Timestamp("2019-01-02"), pd.Timestamp("2019-01-03")]
-    pd.testing.assert_frame_equal(forecast.drop(columns="timestamp"),
-                                  expected.drop(columns="timestamp"), rtol=1e-6)
+        pd.Timestamp("2019-01-01"),
+        pd.Timestamp("2019-01-02"),
+        pd.Timestamp("2019-01-03"),
+    ]
+    pd.testing.assert_frame_equal(forecast.drop(columns="timestamp"), expected.drop(columns="timestamp"), rtol=1e-6)
 
 
 def test_integer_prices_in_json_are_accepted(server, history):
-    as_ints = history.assign(**{c: history[c].round().astype("int64")
-                                for c in ("open", "high", "low", "close", "volume")})
+    as_ints = history.assign(
+        **{c: history[c].round().astype("int64") for c in ("open", "high", "low", "close", "volume")}
+    )
     body = _split(as_ints)
     assert isinstance(body["data"][0][2], int)  # `open` travels as 2531 rather than 2531.0
     status, answer = _invoke(server, {"dataframe_split": body, "params": {"pred_len": 2}})
@@ -136,15 +137,18 @@ def test_defaults_apply_without_params(server, history):
     assert len(body["predictions"]) == 10
 
 
-@pytest.mark.parametrize(("change", "params", "needle"), [
-    (None, {"pred_len": 0}, "pred_len: must be >= 1"),
-    (None, {"top_p": 1.5}, "top_p: must be in (0, 1]"),
-    (None, {"pred_len": "many"}, "pred_len"),
-    (None, {"sample_count": 10_000}, "sample_count: must be <= 64 (max_sample_count)"),
-    ("drop_close", {}, "missing inputs ['close']"),  # MLflow's schema check
-    ("nan_low", {}, "low: must not contain NaN"),
-    ("unsorted", {}, "timestamp: must be strictly increasing"),
-])
+@pytest.mark.parametrize(
+    ("change", "params", "needle"),
+    [
+        (None, {"pred_len": 0}, "pred_len: must be >= 1"),
+        (None, {"top_p": 1.5}, "top_p: must be in (0, 1]"),
+        (None, {"pred_len": "many"}, "pred_len"),
+        (None, {"sample_count": 10_000}, "sample_count: must be <= 64 (max_sample_count)"),
+        ("drop_close", {}, "missing inputs ['close']"),  # MLflow's schema check
+        ("nan_low", {}, "low: must not contain NaN"),
+        ("unsorted", {}, "timestamp: must be strictly increasing"),
+    ],
+)
 def test_bad_requests_get_400_naming_the_problem(server, history, change, params, needle):
     frame = history
     if change == "drop_close":

@@ -46,19 +46,33 @@ def test_input_and_output_schema(tracking):
     signature = get_model_info(f"models:/{MODEL_NAME}@champion").signature
     inputs = {c.name: (c.type, c.required) for c in signature.inputs.inputs}
     assert inputs == {
-        "series_id": (DataType.string, False), "timestamp": (DataType.datetime, True),
-        "open": (DataType.double, True), "high": (DataType.double, True),
-        "low": (DataType.double, True), "close": (DataType.double, True),
-        "volume": (DataType.double, False), "amount": (DataType.double, False),
+        "series_id": (DataType.string, False),
+        "timestamp": (DataType.datetime, True),
+        "open": (DataType.double, True),
+        "high": (DataType.double, True),
+        "low": (DataType.double, True),
+        "close": (DataType.double, True),
+        "volume": (DataType.double, False),
+        "amount": (DataType.double, False),
     }
-    assert signature.outputs.input_names() == ["series_id", "timestamp", "open", "high", "low",
-                                               "close", "volume", "amount"]
+    assert signature.outputs.input_names() == [
+        "series_id",
+        "timestamp",
+        "open",
+        "high",
+        "low",
+        "close",
+        "volume",
+        "amount",
+    ]
 
 
 def test_logged_input_example_is_real_data_and_serves(tracking, tmp_path):
-    model_dir = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path),
-        tracking_uri=tracking.tracking_uri))
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL_NAME}/1", dst_path=str(tmp_path), tracking_uri=tracking.tracking_uri
+        )
+    )
     serving_input = (model_dir / "serving_input_example.json").read_text()
     payload = json.loads(serving_input)
     split = payload["inputs"] if "inputs" in payload else payload["dataframe_split"]
@@ -86,9 +100,17 @@ def test_metadata_records_source_configs_and_sizes(tracking, tiny_checkpoints):
 
 
 def test_requirements_are_our_pins(tracking, tmp_path):
-    requirements = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{MODEL_NAME}/1/requirements.txt", dst_path=str(tmp_path),
-        tracking_uri=tracking.tracking_uri)).read_text().split()
+    requirements = (
+        Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{MODEL_NAME}/1/requirements.txt",
+                dst_path=str(tmp_path),
+                tracking_uri=tracking.tracking_uri,
+            )
+        )
+        .read_text()
+        .split()
+    )
     assert [Requirement(r) for r in requirements] == [Requirement(r) for r in MODEL_REQUIREMENTS]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pinned = {Requirement(r).name: Requirement(r) for r in project}
@@ -99,8 +121,7 @@ def test_requirements_are_our_pins(tracking, tmp_path):
 def test_hub_ids_resolve_offline_from_the_cache(tracking, tiny_checkpoints, tmp_path, monkeypatch):
     """Hub ids work without network when cached; metadata names id and resolved revision."""
     cache, revision = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
-    for repo, source in zip(("acme/kronos-tiny-tokenizer", "acme/kronos-tiny"), tiny_checkpoints,
-                            strict=True):
+    for repo, source in zip(("acme/kronos-tiny-tokenizer", "acme/kronos-tiny"), tiny_checkpoints, strict=True):
         folder = cache / f"models--{repo.replace('/', '--')}"
         shutil.copytree(source, folder / "snapshots" / revision)
         (folder / "refs").mkdir()
@@ -108,12 +129,17 @@ def test_hub_ids_resolve_offline_from_the_cache(tracking, tiny_checkpoints, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with mlflow.start_run(experiment_id=tracking.experiment_id):
-        info = log_kronos_model("acme/kronos-tiny-tokenizer", "acme/kronos-tiny", max_context=32,
-                                cache_dir=cache, example_rows=16)
+        info = log_kronos_model(
+            "acme/kronos-tiny-tokenizer", "acme/kronos-tiny", max_context=32, cache_dir=cache, example_rows=16
+        )
     weights = (tiny_checkpoints[1] / "model.safetensors").read_bytes()
     assert info.metadata["model_source"] == {
-        "kind": "hub", "id": "acme/kronos-tiny", "revision": None, "resolved_revision": revision,
-        "weights_sha256": hashlib.sha256(weights).hexdigest()}
+        "kind": "hub",
+        "id": "acme/kronos-tiny",
+        "revision": None,
+        "resolved_revision": revision,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
     assert info.metadata["tokenizer_source"]["id"] == "acme/kronos-tiny-tokenizer"
     assert info.metadata["max_context"] == 32
     assert info.registered_model_version is None

@@ -28,8 +28,9 @@ from model_package.settings import ModelSettings
 from model_package.signature import PARAM_SPECS
 
 # Small limits keep every accepted request cheap on the tiny model.
-LIMITS = ModelSettings(max_pred_len=10, max_sample_count=3, max_quantiles=4, max_history_candles=40,
-                       max_series_per_request=3)
+LIMITS = ModelSettings(
+    max_pred_len=10, max_sample_count=3, max_quantiles=4, max_history_candles=40, max_series_per_request=3
+)
 # The fixtures `candles` (a pure function) and `forecaster` are safe to share between examples;
 # the number of examples comes from the profile.
 SHARED_FIXTURES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -49,9 +50,35 @@ ANY_VALUE = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-300, 1e300, 0.5, 2.0]),
     st.text(max_size=8),
-    st.sampled_from(["nan", "inf", "-inf", "1e400", "5", "0.5", "2.0", "-1", "", " ", "true", "false",
-                     "B", "D", "5min", "h", "-1D", "0D", "1000YE", "1000000D", "[0.1, 0.9]", "0.1,0.9",
-                     "[[[[", "1" * 5000, str(2**64)]),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "5",
+            "0.5",
+            "2.0",
+            "-1",
+            "",
+            " ",
+            "true",
+            "false",
+            "B",
+            "D",
+            "5min",
+            "h",
+            "-1D",
+            "0D",
+            "1000YE",
+            "1000000D",
+            "[0.1, 0.9]",
+            "0.1,0.9",
+            "[[[[",
+            "1" * 5000,
+            str(2**64),
+        ]
+    ),
     st.lists(st.one_of(st.floats(), st.integers(), st.text(max_size=3), st.none()), max_size=5),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.none(),
@@ -71,7 +98,6 @@ GOOD_VALUE = {
 }
 
 
-
 def _mostly_good(name: str) -> st.SearchStrategy[Any]:
     """A good value 5 times in 6, anything otherwise (so that some requests get accepted)."""
     return st.integers(0, 5).flatmap(lambda i: ANY_VALUE if i == 0 else GOOD_VALUE[name])
@@ -80,27 +106,50 @@ def _mostly_good(name: str) -> st.SearchStrategy[Any]:
 KNOWN_PARAMS = st.fixed_dictionaries({}, optional={name: _mostly_good(name) for name in PARAM_SPECS})
 # Now and then an unknown name (a typo, a non-string key) or a bare garbage value per name.
 PARAMS = st.one_of(
-    KNOWN_PARAMS, KNOWN_PARAMS, KNOWN_PARAMS, KNOWN_PARAMS,
+    KNOWN_PARAMS,
+    KNOWN_PARAMS,
+    KNOWN_PARAMS,
+    KNOWN_PARAMS,
     st.tuples(KNOWN_PARAMS, st.sampled_from(["pred_lenn", 7, "", "seed "]), ANY_VALUE).map(
-        lambda t: {**t[0], t[1]: t[2]}),
+        lambda t: {**t[0], t[1]: t[2]}
+    ),
     st.fixed_dictionaries({}, optional={name: ANY_VALUE for name in PARAM_SPECS}),
 )
 
 CELL = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-(2**80), max_value=2**80),
-    st.sampled_from([0.0, -1.0, 1e15, 1e16, -1e300, 1e-300]), st.text(string.printable, max_size=6),
-    st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.sampled_from([0.0, -1.0, 1e15, 1e16, -1e300, 1e-300]),
+    st.text(string.printable, max_size=6),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
 
 TIMESTAMP_CELL = st.one_of(
-    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(allow_nan=True),
-    st.datetimes(), st.text(max_size=12), st.sampled_from(["2024-01-01", "2262-04-11 23:50", "NaT", "1500-01-01",
-                                                          "2024-01-01T00:00+01:00", "x"]),
-    st.none())
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True),
+    st.datetimes(),
+    st.text(max_size=12),
+    st.sampled_from(["2024-01-01", "2262-04-11 23:50", "NaT", "1500-01-01", "2024-01-01T00:00+01:00", "x"]),
+    st.none(),
+)
 
 
-MUTATIONS = ("cell", "timestamp_cell", "swap_rows", "duplicate_timestamp", "numeric_timestamps",
-             "text_timestamps", "timezone", "drop_column", "duplicate_column", "series_id_cell",
-             "all_nan_column", "shuffle")
+MUTATIONS = (
+    "cell",
+    "timestamp_cell",
+    "swap_rows",
+    "duplicate_timestamp",
+    "numeric_timestamps",
+    "text_timestamps",
+    "timezone",
+    "drop_column",
+    "duplicate_column",
+    "series_id_cell",
+    "all_nan_column",
+    "shuffle",
+)
 
 
 @st.composite
@@ -110,8 +159,11 @@ def candle_frames(draw: st.DrawFn) -> pd.DataFrame:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     parts = []
     for k in range(draw(st.integers(1, 3))):
-        start = draw(st.sampled_from(["2024-01-02 09:30", "2024-01-01", "2024-01-05", "2262-04-01",
-                                      "1677-09-22", "2262-04-11 23:00"]))
+        start = draw(
+            st.sampled_from(
+                ["2024-01-02 09:30", "2024-01-01", "2024-01-05", "2262-04-01", "1677-09-22", "2262-04-11 23:00"]
+            )
+        )
         freq = draw(st.sampled_from(["5min", "h", "D", "B", "17s"]))
         length = draw(st.sampled_from([1, *range(2, 13)]))
         try:
@@ -150,7 +202,8 @@ def _mutate(frame: pd.DataFrame, mutation: str, draw: st.DrawFn) -> pd.DataFrame
         frame["timestamp"] = np.arange(len(frame)) * draw(st.sampled_from([1, 60, 86_400, 10**9, 0.5]))
     elif mutation == "text_timestamps":
         frame["timestamp"] = pd.DatetimeIndex(frame["timestamp"]).strftime(
-            draw(st.sampled_from(["%Y-%m-%d %H:%M:%S", "%d/%m/%Y", "%Y%m%d", "%H:%M"])))
+            draw(st.sampled_from(["%Y-%m-%d %H:%M:%S", "%d/%m/%Y", "%Y%m%d", "%H:%M"]))
+        )
     elif mutation == "timezone":
         frame["timestamp"] = pd.DatetimeIndex(frame["timestamp"]).tz_localize("UTC")
     elif mutation == "drop_column":
@@ -160,8 +213,9 @@ def _mutate(frame: pd.DataFrame, mutation: str, draw: st.DrawFn) -> pd.DataFrame
         frame = pd.concat([frame, frame[[column]]], axis=1)
     elif mutation == "series_id_cell" and "series_id" in frame.columns:
         frame["series_id"] = frame["series_id"].astype(object)
-        frame.at[row, "series_id"] = draw(st.one_of(st.none(), st.booleans(), st.floats(), st.lists(st.integers()),
-                                                    st.text(max_size=3)))
+        frame.at[row, "series_id"] = draw(
+            st.one_of(st.none(), st.booleans(), st.floats(), st.lists(st.integers()), st.text(max_size=3))
+        )
     elif mutation == "all_nan_column":
         frame[draw(st.sampled_from(["volume", "amount", "close"]))] = np.nan
     elif mutation == "shuffle":
@@ -170,6 +224,7 @@ def _mutate(frame: pd.DataFrame, mutation: str, draw: st.DrawFn) -> pd.DataFrame
 
 
 # -- the property -----------------------------------------------------------------------------
+
 
 def _note(what: str) -> None:
     """The mix of outcomes, shown by `pytest --hypothesis-show-statistics`."""
@@ -201,14 +256,17 @@ def _refuses_or_forecasts_well(forecaster: KronosForecaster, history: object, pa
 @SHARED_FIXTURES
 @given(params=PARAMS)
 def test_any_params_are_refused_cleanly_or_forecast_finite(forecaster, candles, params):
-    history = pd.concat([candles(12, seed=1, series_id="A"), candles(9, seed=2, series_id="B")],
-                        ignore_index=True)
+    history = pd.concat([candles(12, seed=1, series_id="A"), candles(9, seed=2, series_id="B")], ignore_index=True)
     _refuses_or_forecasts_well(forecaster, history, params)
 
 
 @SHARED_FIXTURES
-@given(history=candle_frames(), pred_len=st.integers(1, 3), strict=st.booleans(),
-       freq=st.sampled_from([None, None, None, "B", "-1D", "0D", "30D"]))
+@given(
+    history=candle_frames(),
+    pred_len=st.integers(1, 3),
+    strict=st.booleans(),
+    freq=st.sampled_from([None, None, None, "B", "-1D", "0D", "30D"]),
+)
 def test_any_candle_frame_is_refused_cleanly_or_forecast_finite(forecaster, history, pred_len, strict, freq):
     params = {"pred_len": pred_len, "top_k": 1, "strict_candles": strict, "freq": freq}
     _refuses_or_forecasts_well(forecaster, history, params)
@@ -221,7 +279,5 @@ def test_non_frames_are_refused(forecaster, history):
 
 def test_the_strategies_reach_accepted_requests(forecaster, candles):
     """Guard against a property that only ever sees refusals: plain inputs are accepted."""
-    history = pd.concat([candles(12, seed=1, series_id="A"), candles(9, seed=2, series_id="B")],
-                        ignore_index=True)
-    assert _refuses_or_forecasts_well(forecaster, history, {"pred_len": 2, "seed": 2**64 - 1,
-                                                            "quantiles": [0.1, 0.9]})
+    history = pd.concat([candles(12, seed=1, series_id="A"), candles(9, seed=2, series_id="B")], ignore_index=True)
+    assert _refuses_or_forecasts_well(forecaster, history, {"pred_len": 2, "seed": 2**64 - 1, "quantiles": [0.1, 0.9]})

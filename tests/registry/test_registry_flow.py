@@ -72,6 +72,9 @@ def test_log_promote_evaluate_gate_rollback_history(registry_uri: str) -> None:
     _ok(history)
     events = [line.split() for line in history.stdout.splitlines() if line[:4].isdigit() and len(line) > 30]
     assert [(e[0], e[2], e[3]) for e in events] == [
-        ("0001", "promote", "1"), ("0002", "promote", "2"), ("0003", "rollback", "1")]
+        ("0001", "promote", "1"),
+        ("0002", "promote", "2"),
+        ("0003", "rollback", "1"),
+    ]
     assert all("registry-tests" in e for e in events)
     assert ("yes" in events[1]) == registry_uri.startswith("http")  # forced promotions are marked

@@ -15,16 +15,33 @@ from registry_helpers import CLI_TIMEOUT_S, ROOT, cli_env
 @pytest.mark.integration
 @pytest.mark.slow
 def test_mlproject_log_entry_point_registers_a_demo_challenger(
-        tmp_path: Path, new_sqlite_uri: Callable[[str], str]) -> None:
+    tmp_path: Path, new_sqlite_uri: Callable[[str], str]
+) -> None:
     uri = new_sqlite_uri("mlproject-registry")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_experiment("kronos-project", artifact_location=(tmp_path / "project").as_uri())
     env = cli_env(uri)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` of this venv
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "log", "--env-manager", "local",
-         "--experiment-name", "kronos-project", "-P", "demo=true"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "run",
+            str(ROOT),
+            "-e",
+            "log",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "kronos-project",
+            "-P",
+            "demo=true",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     version = client.get_model_version_by_alias("kronos", "challenger")
     assert version.version in (1, "1") and version.tags["kronos.demo"] == "true"

@@ -13,8 +13,16 @@ from registry_scripts.gate import GatePolicy, check
 
 def _candles(n: int) -> pd.DataFrame:
     close = 100 + np.arange(n, dtype=float)
-    return pd.DataFrame({"series_id": "s", "timestamp": pd.date_range("2024-01-01", periods=n, freq="D"),
-                         "open": close, "high": close + 1, "low": close - 1, "close": close})
+    return pd.DataFrame(
+        {
+            "series_id": "s",
+            "timestamp": pd.date_range("2024-01-01", periods=n, freq="D"),
+            "open": close,
+            "high": close + 1,
+            "low": close - 1,
+            "close": close,
+        }
+    )
 
 
 def test_windows_are_rolling_origin_and_persistence_scores_mase_one() -> None:
@@ -42,23 +50,26 @@ def test_crps_and_coverage_from_sample_paths() -> None:
 
 def _version(number: str, mase: float | None, setup: str = "s1") -> ModelVersion:
     tags = {"eval.mase": str(mase), "eval.setup": setup} if mase is not None else {}
-    return ModelVersion("kronos", number, creation_timestamp=0,
-                        tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+    return ModelVersion("kronos", number, creation_timestamp=0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
 
 
 def test_gate_needs_persistence_beaten_and_champion_matched() -> None:
     policy = GatePolicy(max_mase=1.0, tolerance=0.05)
     assert check(_version("2", 0.9), None, policy).passed
     assert not check(_version("2", 1.2), None, policy).passed
-    assert check(_version("2", 0.92), _version("1", 0.9), policy).passed       # within 5 %
-    assert not check(_version("2", 0.99), _version("1", 0.9), policy).passed   # 10 % worse
+    assert check(_version("2", 0.92), _version("1", 0.9), policy).passed  # within 5 %
+    assert not check(_version("2", 0.99), _version("1", 0.9), policy).passed  # 10 % worse
     assert not check(_version("2", 0.5), _version("1", 0.9, "other"), policy).passed
     assert not check(_version("2", None), None, policy).passed
 
 
 def test_lineage_rolls_back_through_promotions() -> None:
-    events = [{"action": "promote", "version": "1"}, {"action": "promote", "version": "2"},
-              {"action": "promote", "version": "3"}, {"action": "rollback", "version": "2"}]
+    events = [
+        {"action": "promote", "version": "1"},
+        {"action": "promote", "version": "2"},
+        {"action": "promote", "version": "3"},
+        {"action": "rollback", "version": "2"},
+    ]
     assert champion_lineage(events) == ["1", "2"]
     events.append({"action": "promote", "version": "1"})
     assert champion_lineage(events) == ["1", "2", "1"]

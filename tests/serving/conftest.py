@@ -23,13 +23,11 @@ class ServingRegistry(LocalRegistry):
 
     def forecaster(self, version: str) -> KronosForecaster:
         tokenizer_dir, model_dir = self.checkpoints[version]
-        return KronosForecaster.from_pretrained(tokenizer_dir, model_dir,
-                                                max_context=TINY_MAX_CONTEXT, device="cpu")
+        return KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=TINY_MAX_CONTEXT, device="cpu")
 
 
 @pytest.fixture(scope="session")
-def serving_registry(tmp_path_factory: pytest.TempPathFactory,
-                     tiny_checkpoints: tuple[Path, Path]) -> ServingRegistry:
+def serving_registry(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> ServingRegistry:
     """`kronos` v1 (the tiny pair) and v2 (other random predictor weights); v1 = champion."""
     root = tmp_path_factory.mktemp("serving-registry")
     tokenizer_dir, model_dir = tiny_checkpoints
@@ -44,16 +42,20 @@ def serving_registry(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
-def server(serving_registry: ServingRegistry,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(serving_registry: ServingRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """MLServer serving the champion (shared by the serving test modules), with budgets
     small enough that tests can overload it."""
-    running = start_server(tmp_path_factory.mktemp("mlserver"), serving_registry.tracking_uri,
-                           env={"KRONOS_QUEUE_BUDGET_MB": str(QUEUE_BUDGET_MB),
-                                "KRONOS_MAX_REQUEST_MEMORY_MB": str(QUEUE_BUDGET_MB),
-                                "KRONOS_RUNNING_BUDGET_MB": str(2 * QUEUE_BUDGET_MB),
-                                "KRONOS_MAX_HISTORY_CANDLES": "512"},
-                           model_settings={"max_batch_size": 32, "max_batch_time": 0.2})
+    running = start_server(
+        tmp_path_factory.mktemp("mlserver"),
+        serving_registry.tracking_uri,
+        env={
+            "KRONOS_QUEUE_BUDGET_MB": str(QUEUE_BUDGET_MB),
+            "KRONOS_MAX_REQUEST_MEMORY_MB": str(QUEUE_BUDGET_MB),
+            "KRONOS_RUNNING_BUDGET_MB": str(2 * QUEUE_BUDGET_MB),
+            "KRONOS_MAX_HISTORY_CANDLES": "512",
+        },
+        model_settings={"max_batch_size": 32, "max_batch_time": 0.2},
+    )
     try:
         yield running
     finally:

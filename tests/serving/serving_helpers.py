@@ -27,8 +27,9 @@ QUEUE_BUDGET_MB = 256  # the test server's queue and per-request budget (MiB)
 
 def history(ids: list[str], seed: int, length: int = 40) -> pd.DataFrame:
     """Several series (lengths length, length+1, ...) in one long frame."""
-    return pd.concat([random_walk_candles(length + i, seed=seed + i, series_id=sid)
-                      for i, sid in enumerate(ids)], ignore_index=True)
+    return pd.concat(
+        [random_walk_candles(length + i, seed=seed + i, series_id=sid) for i, sid in enumerate(ids)], ignore_index=True
+    )
 
 
 def v2_request(frame: pd.DataFrame, params: dict) -> dict:
@@ -38,14 +39,29 @@ def v2_request(frame: pd.DataFrame, params: dict) -> dict:
         values = frame[column]
         if column == "timestamp":
             data = [t.isoformat() for t in pd.DatetimeIndex(values)]
-            inputs.append({"name": column, "datatype": "BYTES", "shape": [len(data), 1],
-                           "parameters": {"content_type": "datetime"}, "data": data})
+            inputs.append(
+                {
+                    "name": column,
+                    "datatype": "BYTES",
+                    "shape": [len(data), 1],
+                    "parameters": {"content_type": "datetime"},
+                    "data": data,
+                }
+            )
         elif values.dtype == object:
-            inputs.append({"name": column, "datatype": "BYTES", "shape": [len(values), 1],
-                           "parameters": {"content_type": "str"}, "data": values.tolist()})
+            inputs.append(
+                {
+                    "name": column,
+                    "datatype": "BYTES",
+                    "shape": [len(values), 1],
+                    "parameters": {"content_type": "str"},
+                    "data": values.tolist(),
+                }
+            )
         else:
-            inputs.append({"name": column, "datatype": "FP64", "shape": [len(values), 1],
-                           "data": values.astype(float).tolist()})
+            inputs.append(
+                {"name": column, "datatype": "FP64", "shape": [len(values), 1], "data": values.astype(float).tolist()}
+            )
     return {"inputs": inputs, "parameters": {"content_type": "pd", **params}}
 
 
@@ -60,19 +76,23 @@ class Server(LocalServer):
     """A running `mlserver start` process and its ports, with the tests' shortcuts."""
 
     def infer(self, client: httpx.Client, frame: pd.DataFrame, params: dict) -> httpx.Response:
-        return client.post(f"{self.url}/v2/models/{MODEL_NAME}/infer",
-                           json=v2_request(frame, params))
+        return client.post(f"{self.url}/v2/models/{MODEL_NAME}/infer", json=v2_request(frame, params))
 
     def logs(self) -> str:
         return self.tail(6000)
 
 
-def start_server(workdir: Path, tracking_uri: str, env: dict[str, str] | None = None,
-                 model_settings: dict | None = None) -> Server:
+def start_server(
+    workdir: Path, tracking_uri: str, env: dict[str, str] | None = None, model_settings: dict | None = None
+) -> Server:
     """MLServer with serving/ settings on free ports in `workdir`, one torch thread, ready."""
-    return Server.start(workdir, tracking_uri,
-                        env={"KRONOS_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})},
-                        model_settings=model_settings, timeout_s=START_TIMEOUT_S)
+    return Server.start(
+        workdir,
+        tracking_uri,
+        env={"KRONOS_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", **(env or {})},
+        model_settings=model_settings,
+        timeout_s=START_TIMEOUT_S,
+    )
 
 
 class RawPost:
@@ -81,9 +101,14 @@ class RawPost:
 
     def __init__(self, port: int, path: str, body: dict, headers: dict[str, str] | None = None) -> None:
         payload = json.dumps(body).encode()
-        head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
-                f"Content-Length: {len(payload)}", "Connection: close",
-                *[f"{k}: {v}" for k, v in (headers or {}).items()]]
+        head = [
+            f"POST {path} HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+            "Connection: close",
+            *[f"{k}: {v}" for k, v in (headers or {}).items()],
+        ]
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         self.sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
 
@@ -123,8 +148,9 @@ def grpc_request(frame: pd.DataFrame, params: dict[str, str | int | bool]):
     return infer_request(frame, params, MODEL_NAME)
 
 
-def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int | bool],
-               timeout_s: float = 120) -> pd.DataFrame:
+def grpc_infer(
+    server: Server, frame: pd.DataFrame, params: dict[str, str | int | bool], timeout_s: float = 120
+) -> pd.DataFrame:
     """One ModelInfer call (BYTES as UTF-8, params as gRPC's bool/int64/string)."""
     import grpc
     from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
@@ -133,8 +159,7 @@ def grpc_infer(server: Server, frame: pd.DataFrame, params: dict[str, str | int 
     with grpc.insecure_channel(server.grpc_target) as channel:
         reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout_s)
     result = grpc_response_frame(reply)
-    result.attrs["parameters"] = {k: v.string_param or v.int64_param
-                                  for k, v in reply.parameters.items()}
+    result.attrs["parameters"] = {k: v.string_param or v.int64_param for k, v in reply.parameters.items()}
     return result
 
 

@@ -12,11 +12,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_runtime_follows_the_alias_when_polling(serving_registry, tmp_path):
-    server = start_server(tmp_path / "mlserver", serving_registry.tracking_uri,
-                          env={"KRONOS_ALIAS_POLL_S": "0.5"})
+    server = start_server(tmp_path / "mlserver", serving_registry.tracking_uri, env={"KRONOS_ALIAS_POLL_S": "0.5"})
     frame = history(["Q"], seed=2)
     try:
         with httpx.Client(timeout=60) as client:
+
             def served_version() -> str:
                 reply = server.infer(client, frame, {"pred_len": 2, "top_k": 1})
                 assert reply.status_code == 200, reply.text

@@ -63,16 +63,16 @@ def forecaster(tiny_checkpoints: tuple[Path, Path]) -> KronosForecaster:
 
 
 def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
-    cases = [(history(["A", "B"], seed=1), SamplingParams(pred_len=3, top_k=1)),
-             (history(["A"], seed=7), SamplingParams(pred_len=5, top_k=1)),
-             (history(["B", "A", "C"], seed=11, length=30),
-              SamplingParams(pred_len=2, top_k=1, sample_count=2))]
+    cases = [
+        (history(["A", "B"], seed=1), SamplingParams(pred_len=3, top_k=1)),
+        (history(["A"], seed=7), SamplingParams(pred_len=5, top_k=1)),
+        (history(["B", "A", "C"], seed=11, length=30), SamplingParams(pred_len=2, top_k=1, sample_count=2)),
+    ]
     expected = [forecaster.predict(h, **p.__dict__) for h, p in cases]
     recorder = Recorder()
 
     async def main() -> list[pd.DataFrame]:
-        batcher = SeriesBatcher(BatcherConfig(max_batch_series=16, max_batch_time_s=0.5),
-                                recorder)
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=16, max_batch_time_s=0.5), recorder)
         batcher.start()
         prepared = [forecaster.prepare(h, p) for h, p in cases]
         results = await asyncio.gather(*[batcher.submit(forecaster, r, 60) for r in prepared])
@@ -95,16 +95,14 @@ def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
     cases = {
         "long": (history(["L"], seed=2, length=40), SamplingParams(pred_len=40, top_k=1)),
         "merged": (history(["A", "L"], seed=3), SamplingParams(pred_len=3, top_k=1)),
-        "paths": (history(["L"], seed=4), SamplingParams(pred_len=5, temperature=0.8,
-                                                         sample_count=3, seed=1)),
+        "paths": (history(["L"], seed=4), SamplingParams(pred_len=5, temperature=0.8, sample_count=3, seed=1)),
     }
     expected = {name: forecaster.predict(h, **p.__dict__) for name, (h, p) in cases.items()}
     recorder = Recorder()
     answered: list[str] = []
 
     async def main() -> dict[str, pd.DataFrame]:
-        batcher = SeriesBatcher(BatcherConfig(max_batch_series=8, max_batch_time_s=0.01),
-                                recorder)
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=8, max_batch_time_s=0.01), recorder)
         batcher.start()
 
         async def submit(name: str) -> pd.DataFrame:
@@ -139,15 +137,16 @@ def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch)
         return real_step(generations)
 
     monkeypatch.setattr(cohort_module, "step_together", failing_once)
-    cases = [(history(["A"], seed=5), SamplingParams(pred_len=3, top_k=1)),
-             (history(["B", "C"], seed=6), SamplingParams(pred_len=4, top_k=1))]
+    cases = [
+        (history(["A"], seed=5), SamplingParams(pred_len=3, top_k=1)),
+        (history(["B", "C"], seed=6), SamplingParams(pred_len=4, top_k=1)),
+    ]
     expected = [forecaster.predict(h, **p.__dict__) for h, p in cases]
 
     async def main() -> list[pd.DataFrame]:
         batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.2))
         batcher.start()
-        results = await asyncio.gather(*[batcher.submit(forecaster, forecaster.prepare(h, p), 60)
-                                         for h, p in cases])
+        results = await asyncio.gather(*[batcher.submit(forecaster, forecaster.prepare(h, p), 60) for h, p in cases])
         await batcher.drain_and_stop(10)
         return [r.frame for r in results]
 
@@ -160,14 +159,15 @@ def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch)
 def test_queue_budget_refuses_at_once(forecaster):
     """The queue holds requests up to its budget in bytes of their costs; beyond: refused
     when submitted, and before decoding once the budget is taken."""
-    requests = [forecaster.prepare(history(ids, seed), SamplingParams(2))
-                for ids, seed in ((["a", "b"], 1), (["c", "d"], 2), (["e"], 3))]
+    requests = [
+        forecaster.prepare(history(ids, seed), SamplingParams(2))
+        for ids, seed in ((["a", "b"], 1), (["c", "d"], 2), (["e"], 3))
+    ]
     costs = [prepared_cost(forecaster, r).memory_bytes for r in requests]
     budget = costs[0] + costs[2]  # the first and the third fit together, the second not
 
     async def main() -> None:
-        batcher = SeriesBatcher(BatcherConfig(max_batch_series=4, max_batch_time_s=600,
-                                              queue_budget_bytes=budget))
+        batcher = SeriesBatcher(BatcherConfig(max_batch_series=4, max_batch_time_s=600, queue_budget_bytes=budget))
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(forecaster, requests[0], 60))
         await asyncio.sleep(0)
@@ -272,7 +272,8 @@ def test_jobs_of_two_models_run_in_separate_cohorts(forecaster, tiny_checkpoints
         await asyncio.gather(
             batcher.submit(forecaster, forecaster.prepare(history(["a"], 1), params), 60),
             batcher.submit(other, other.prepare(history(["a"], 1), params), 60),
-            batcher.submit(forecaster, forecaster.prepare(history(["b"], 2), params), 60))
+            batcher.submit(forecaster, forecaster.prepare(history(["b"], 2), params), 60),
+        )
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
@@ -292,7 +293,10 @@ def test_cohorts_are_split_where_padding_would_cost_more_than_charged(tmp_path):
     preset = preset_by_name("NeoQuasar/Kronos-small")
     small = KronosForecaster.from_pretrained(
         write_random_checkpoint(preset.tokenizer_config, tmp_path / "tokenizer", 1),
-        write_random_checkpoint(preset.model_config, tmp_path / "model", 2), max_context=512, device="cpu")
+        write_random_checkpoint(preset.model_config, tmp_path / "model", 2),
+        max_context=512,
+        device="cpu",
+    )
 
     @dataclass
     class Priced:

@@ -13,12 +13,15 @@ from serving.settings import OTHER_NAMESPACES, ServingSettings, check_server_env
 
 
 def test_known_variables_pass_and_a_typo_is_named_with_a_hint():
-    known = {"KRONOS_QUEUE_BUDGET_MB": "10", "KRONOS_DEVICE": "cpu", "KRONOS_GATEWAY_HTTP_PORT": "1",
-             "OTHER": "x"}
+    known = {"KRONOS_QUEUE_BUDGET_MB": "10", "KRONOS_DEVICE": "cpu", "KRONOS_GATEWAY_HTTP_PORT": "1", "OTHER": "x"}
     check_environment(ModelSettings, ServingSettings, other_namespaces=OTHER_NAMESPACES, environ=known)
     with pytest.raises(ValueError, match=r"KRONOS_QUEUE_BUDGET_M \(did you mean KRONOS_QUEUE_BUDGET_MB\?\)"):
-        check_environment(ModelSettings, ServingSettings, other_namespaces=OTHER_NAMESPACES,
-                          environ={**known, "KRONOS_QUEUE_BUDGET_M": "10"})
+        check_environment(
+            ModelSettings,
+            ServingSettings,
+            other_namespaces=OTHER_NAMESPACES,
+            environ={**known, "KRONOS_QUEUE_BUDGET_M": "10"},
+        )
 
 
 def test_every_serving_setting_is_a_known_variable(monkeypatch):
@@ -32,10 +35,9 @@ def test_every_serving_setting_is_a_known_variable(monkeypatch):
 @pytest.mark.integration
 def test_a_server_with_a_mistyped_variable_refuses_to_start(serving_registry, tmp_path):
     with pytest.raises(RuntimeError) as caught:
-        start_server(tmp_path / "mlserver", serving_registry.tracking_uri,
-                     env={"KRONOS_QUEUE_BUDGET_M": "10"})
+        start_server(tmp_path / "mlserver", serving_registry.tracking_uri, env={"KRONOS_QUEUE_BUDGET_M": "10"})
     assert "mlserver exited with 1" in str(caught.value)
-    lines = [json.loads(line) for line in (tmp_path / "mlserver" / "mlserver.log").read_text().splitlines()
-             if line.strip()]
-    assert any("KRONOS_QUEUE_BUDGET_M (did you mean KRONOS_QUEUE_BUDGET_MB?)" in json.dumps(line)
-               for line in lines)
+    lines = [
+        json.loads(line) for line in (tmp_path / "mlserver" / "mlserver.log").read_text().splitlines() if line.strip()
+    ]
+    assert any("KRONOS_QUEUE_BUDGET_M (did you mean KRONOS_QUEUE_BUDGET_MB?)" in json.dumps(line) for line in lines)

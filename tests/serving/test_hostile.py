@@ -28,8 +28,7 @@ GREEDY = {"pred_len": 3, "top_k": 1}
 
 
 def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), rtol=1e-5,
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), rtol=1e-5, check_dtype=False)
 
 
 def near_2262() -> pd.DataFrame:
@@ -105,15 +104,17 @@ def _with_input(tensor: dict) -> dict:
 
 ROWS = len(GOOD)
 TENSOR_CASES = [
-    pytest.param(_with_input(_tensor("close", "FP64", [ROWS + 1, 1], GOOD["close"].tolist())), "shape",
-                 id="shape-disagrees"),
+    pytest.param(
+        _with_input(_tensor("close", "FP64", [ROWS + 1, 1], GOOD["close"].tolist())), "shape", id="shape-disagrees"
+    ),
     pytest.param(_with_input(_tensor("close", "FP64", [ROWS, 1], ["1.0"] * ROWS)), "close", id="fp64-with-text"),
-    pytest.param(_with_input(_tensor("close", "FP99", [ROWS, 1], GOOD["close"].tolist())), "datatype",
-                 id="unknown-datatype"),
-    pytest.param(_with_input(_tensor("timestamp", "FP64", [ROWS, 1], list(range(ROWS)))), "timestamp",
-                 id="timestamps-as-numbers"),
-    pytest.param(_with_input(_tensor("clsoe", "FP64", [ROWS, 1], GOOD["close"].tolist())), "clsoe",
-                 id="unknown-input"),
+    pytest.param(
+        _with_input(_tensor("close", "FP99", [ROWS, 1], GOOD["close"].tolist())), "datatype", id="unknown-datatype"
+    ),
+    pytest.param(
+        _with_input(_tensor("timestamp", "FP64", [ROWS, 1], list(range(ROWS)))), "timestamp", id="timestamps-as-numbers"
+    ),
+    pytest.param(_with_input(_tensor("clsoe", "FP64", [ROWS, 1], GOOD["close"].tolist())), "clsoe", id="unknown-input"),
     pytest.param({**v2_request(GOOD, GREEDY), "outputs": [{"name": "nope"}]}, "outputs", id="unknown-output"),
     pytest.param({"inputs": "not a list"}, "inputs", id="inputs-not-a-list"),
     pytest.param({"inputs": []}, "inputs", id="no-inputs"),
@@ -128,13 +129,16 @@ def test_malformed_v2_tensors_are_400(server, body, needle):
     assert needle in reply.json()["error"], reply.text
 
 
-@pytest.mark.parametrize(("raw", "needle"), [
-    pytest.param(b'{"inputs": [', "JSON", id="truncated-json"),
-    pytest.param(b"[1, 2, 3]", "body", id="not-an-object"),
-    pytest.param(b'"text"', "body", id="a-string"),
-    pytest.param(b"[" * 100_000 + b"]" * 100_000, "body", id="deep-json"),
-    pytest.param(b"\xff\xfe garbage", "body", id="not-utf8"),
-])
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        pytest.param(b'{"inputs": [', "JSON", id="truncated-json"),
+        pytest.param(b"[1, 2, 3]", "body", id="not-an-object"),
+        pytest.param(b'"text"', "body", id="a-string"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "body", id="deep-json"),
+        pytest.param(b"\xff\xfe garbage", "body", id="not-utf8"),
+    ],
+)
 def test_unreadable_bodies_are_400_in_the_error_shape(server, raw, needle):
     with httpx.Client(timeout=60) as client:
         for path in (INFER, "/invocations"):
@@ -146,18 +150,30 @@ def test_unreadable_bodies_are_400_in_the_error_shape(server, raw, needle):
 SPLIT = json.loads(GOOD.assign(timestamp=GOOD["timestamp"].astype(str)).to_json(orient="split", index=False))
 
 
-@pytest.mark.parametrize(("body", "needle"), [
-    pytest.param({"dataframe_split": {**SPLIT, "data": [row[:3] for row in SPLIT["data"]]}}, "data",
-                 id="rows-shorter-than-columns"),
-    pytest.param({"dataframe_split": {"columns": "abc", "data": "def"}}, "columns", id="strings"),
-    pytest.param({"dataframe_split": {**SPLIT, "columns": ["close"] * len(SPLIT["columns"])}}, "close",
-                 id="duplicate-columns"),
-    pytest.param({"dataframe_split": {**SPLIT, "data": [[[1], {"a": 2}] + row[2:] for row in SPLIT["data"]]}},
-                 "series_id", id="list-and-dict-cells"),
-    pytest.param({"dataframe_records": [1, 2, 3]}, "dataframe_records", id="records-not-objects"),
-    pytest.param({"instances": [[1, 2]]}, "dataframe_split", id="instances"),
-    pytest.param({"dataframe_split": SPLIT, "params": [1]}, "params", id="params-not-an-object"),
-])
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        pytest.param(
+            {"dataframe_split": {**SPLIT, "data": [row[:3] for row in SPLIT["data"]]}},
+            "data",
+            id="rows-shorter-than-columns",
+        ),
+        pytest.param({"dataframe_split": {"columns": "abc", "data": "def"}}, "columns", id="strings"),
+        pytest.param(
+            {"dataframe_split": {**SPLIT, "columns": ["close"] * len(SPLIT["columns"])}},
+            "close",
+            id="duplicate-columns",
+        ),
+        pytest.param(
+            {"dataframe_split": {**SPLIT, "data": [[[1], {"a": 2}] + row[2:] for row in SPLIT["data"]]}},
+            "series_id",
+            id="list-and-dict-cells",
+        ),
+        pytest.param({"dataframe_records": [1, 2, 3]}, "dataframe_records", id="records-not-objects"),
+        pytest.param({"instances": [[1, 2]]}, "dataframe_split", id="instances"),
+        pytest.param({"dataframe_split": SPLIT, "params": [1]}, "params", id="params-not-an-object"),
+    ],
+)
 def test_malformed_invocations_bodies_are_400(server, body, needle):
     with httpx.Client(timeout=60) as client:
         reply = client.post(f"{server.url}/invocations", json=body)
@@ -166,6 +182,7 @@ def test_malformed_invocations_bodies_are_400(server, body, needle):
 
 
 # -- gRPC-specific forms ---------------------------------------------------------------------
+
 
 def _grpc_call(server, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -195,8 +212,7 @@ def test_grpc_tensors_must_match_their_datatype_and_shape(server):
     request = grpc_request(GOOD, GREEDY)
     request.inputs[-1].shape[:] = [ROWS + 3, 1]
     _grpc_refused(server, request, "shape")
-    bad_text = _replace_contents(grpc_request(GOOD, GREEDY), "series_id",
-                                 bytes_contents=[b"\xff\xfe"] * ROWS)
+    bad_text = _replace_contents(grpc_request(GOOD, GREEDY), "series_id", bytes_contents=[b"\xff\xfe"] * ROWS)
     _grpc_refused(server, bad_text, "UTF-8")
     raw = grpc_request(GOOD, GREEDY)
     for tensor in raw.inputs:
@@ -293,16 +309,22 @@ def test_tritonclient_http_and_grpc(server, serving_registry):
     http_client = triton_http.InferenceServerClient(url=f"127.0.0.1:{server.http_port}")
     inputs = []
     for name, (datatype, values) in columns.items():
-        array = (np.array([v.encode() for v in values], dtype=np.object_) if datatype == "BYTES"
-                 else np.array(values)).reshape(-1, 1)
+        array = (
+            np.array([v.encode() for v in values], dtype=np.object_) if datatype == "BYTES" else np.array(values)
+        ).reshape(-1, 1)
         tensor = triton_http.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)  # binary tensor extension (tritonclient's default)
         inputs.append(tensor)
     result = http_client.infer(MODEL_NAME, inputs, parameters=params)
     assert np.allclose(result.as_numpy("close").astype(float).ravel(), want["close"], rtol=1e-5)
     assert http_client.is_server_live()
-    child = subprocess.run([sys.executable, "-c", TRITON_GRPC_CLIENT, str(server.grpc_port), json.dumps(params),
-                            json.dumps(columns)], capture_output=True, text=True, timeout=300, check=False)
+    child = subprocess.run(
+        [sys.executable, "-c", TRITON_GRPC_CLIENT, str(server.grpc_port), json.dumps(params), json.dumps(columns)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     answer = json.loads(child.stdout)
     assert answer["ready"] is True
@@ -331,6 +353,7 @@ def test_rest_infer_stream_answers_as_an_event(server):
 
 # -- names, ids, logs, metrics -----------------------------------------------------------------
 
+
 def test_made_up_model_names_create_no_metric_series(server):
     before = len(server.metrics())
     names = [f"x{i}" + "n" * 2000 for i in range(20)]
@@ -354,16 +377,23 @@ def test_request_ids_and_log_lines(server):
     logged; a forged newline in a gRPC model name stays inside one JSON line; a 400 writes
     one WARNING line with the id and no traceback."""
     with httpx.Client(timeout=60) as client:
-        echoed = client.post(f"{server.url}{INFER}", json=v2_request(GOOD, GREEDY),
-                             headers=[("X-Request-ID", "first-id"), ("X-Request-ID", "second-id")])
+        echoed = client.post(
+            f"{server.url}{INFER}",
+            json=v2_request(GOOD, GREEDY),
+            headers=[("X-Request-ID", "first-id"), ("X-Request-ID", "second-id")],
+        )
         assert echoed.status_code == 200 and echoed.headers.get_list("x-request-id") == ["first-id"]
-        replaced = client.post(f"{server.url}/invocations", headers={"X-Request-ID": "bad id\u0007"},
-                               json={"dataframe_split": SPLIT, "params": GREEDY})
+        replaced = client.post(
+            f"{server.url}/invocations",
+            headers={"X-Request-ID": "bad id\u0007"},
+            json={"dataframe_split": SPLIT, "params": GREEDY},
+        )
         assert replaced.status_code == 200, replaced.text
         new_id = replaced.headers["x-request-id"]
         assert new_id != "bad id\u0007" and new_id.isalnum()
-        bad = client.post(f"{server.url}{INFER}", json=v2_request(GOOD, {"pred_len": 0}),
-                          headers={"X-Request-ID": "hostile-400"})
+        bad = client.post(
+            f"{server.url}{INFER}", json=v2_request(GOOD, {"pred_len": 0}), headers={"X-Request-ID": "hostile-400"}
+        )
         assert bad.status_code == 400
     forged = grpc_request(GOOD, GREEDY)
     forged.model_name = 'kronos\n{"level": "INFO", "message": "forged"}'

@@ -32,8 +32,7 @@ def _status_kib(pid: int, key: str) -> int:
 
 def _worker_pid(server_pid: int) -> int:
     """MLServer's inference worker: the spawned child process holding the model."""
-    children = [p for p in psutil.Process(server_pid).children(recursive=True)
-                if "spawn_main" in " ".join(p.cmdline())]
+    children = [p for p in psutil.Process(server_pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert children, "no inference worker found"
     return max(children, key=lambda p: p.memory_info().rss).pid
 
@@ -54,9 +53,16 @@ def test_the_largest_allowed_request_stays_within_its_budget(serving_registry, t
     series, paths, pred_len, cost = largest_request(forecaster, BUDGET_MB << 20)
     assert cost > 0.9 * (BUDGET_MB << 20), (series, paths, pred_len, cost)
     frame = history([f"m{i}" for i in range(series)], seed=5, length=HISTORY)
-    server = start_server(tmp_path / "mlserver", serving_registry.tracking_uri, env={
-        "KRONOS_MAX_REQUEST_MEMORY_MB": str(BUDGET_MB), "KRONOS_RUNNING_BUDGET_MB": str(BUDGET_MB),
-        "KRONOS_QUEUE_BUDGET_MB": str(BUDGET_MB), "KRONOS_MAX_REQUEST_CANDLES": str(10**7)})
+    server = start_server(
+        tmp_path / "mlserver",
+        serving_registry.tracking_uri,
+        env={
+            "KRONOS_MAX_REQUEST_MEMORY_MB": str(BUDGET_MB),
+            "KRONOS_RUNNING_BUDGET_MB": str(BUDGET_MB),
+            "KRONOS_QUEUE_BUDGET_MB": str(BUDGET_MB),
+            "KRONOS_MAX_REQUEST_CANDLES": str(10**7),
+        },
+    )
     try:
         worker = _worker_pid(server.process.pid)
         with httpx.Client(timeout=600) as client:
@@ -68,8 +74,10 @@ def test_the_largest_allowed_request_stays_within_its_budget(serving_registry, t
             assert len(reply.json()["outputs"][0]["data"]) == series * pred_len
             peak_kib = _status_kib(worker, "VmHWM:")
             grown_mb = (peak_kib - baseline_kib) / 1024
-            print(f"worker peak grew {grown_mb:.0f} MiB for a request priced {cost / 2**20:.0f} MiB "
-                  f"({series} series x {paths} paths x {pred_len} steps)")
+            print(
+                f"worker peak grew {grown_mb:.0f} MiB for a request priced {cost / 2**20:.0f} MiB "
+                f"({series} series x {paths} paths x {pred_len} steps)"
+            )
             assert grown_mb <= BUDGET_MB + OVERHEAD_MB, (grown_mb, cost / 2**20)
             larger = server.infer(client, frame, {"pred_len": pred_len + 8, "sample_count": paths})
             assert larger.status_code == 400, larger.text[:500]

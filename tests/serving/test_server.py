@@ -35,19 +35,30 @@ from model_package.budget import request_cost
 pytestmark = pytest.mark.integration
 
 KRONOS_METRICS = (
-    "kronos_requests_total", "kronos_request_seconds_bucket", "kronos_queue_wait_seconds_bucket",
-    "kronos_inference_seconds_bucket", "kronos_batch_series_bucket",
-    "kronos_batch_requests_bucket", "kronos_step_series_bucket", "kronos_generated_candles_total",
-    "kronos_queue_series", "kronos_queue_cost_bytes", "kronos_queue_budget_bytes",
-    "kronos_running_series", "kronos_running_cost_bytes", "kronos_running_budget_bytes",
-    "kronos_model_info", "kronos_model_version", "kronos_ready",
-    "kronos_last_progress_timestamp_seconds", "kronos_worker_resident_memory_bytes",
+    "kronos_requests_total",
+    "kronos_request_seconds_bucket",
+    "kronos_queue_wait_seconds_bucket",
+    "kronos_inference_seconds_bucket",
+    "kronos_batch_series_bucket",
+    "kronos_batch_requests_bucket",
+    "kronos_step_series_bucket",
+    "kronos_generated_candles_total",
+    "kronos_queue_series",
+    "kronos_queue_cost_bytes",
+    "kronos_queue_budget_bytes",
+    "kronos_running_series",
+    "kronos_running_cost_bytes",
+    "kronos_running_budget_bytes",
+    "kronos_model_info",
+    "kronos_model_version",
+    "kronos_ready",
+    "kronos_last_progress_timestamp_seconds",
+    "kronos_worker_resident_memory_bytes",
 )
 
 
 def assert_same(got: pd.DataFrame, want: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True),
-                                  rtol=1e-5, check_dtype=False)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), rtol=1e-5, check_dtype=False)
 
 
 def wait_live(client: httpx.Client, server, condition, timeout_s: float = 30) -> dict:
@@ -80,14 +91,13 @@ def test_grpc_forecast_with_float_params_sent_as_strings(server, serving_registr
     forecaster = serving_registry.forecaster("1")
     # sampled (not greedy), seeded: temperature and top_p change the result, so the test
     # sees whether the string floats were honoured
-    got = grpc_infer(server, frame, {"pred_len": 3, "temperature": "0.35", "top_p": "0.6",
-                                     "seed": 11, "sample_count": 2})
+    got = grpc_infer(
+        server, frame, {"pred_len": 3, "temperature": "0.35", "top_p": "0.6", "seed": 11, "sample_count": 2}
+    )
     assert got.attrs["parameters"]["model_version"] == "1"
-    want = forecaster.predict(frame, pred_len=3, temperature=0.35, top_p=0.6, seed=11,
-                              sample_count=2)
+    want = forecaster.predict(frame, pred_len=3, temperature=0.35, top_p=0.6, seed=11, sample_count=2)
     assert_same(got, want)
-    other = forecaster.predict(frame, pred_len=3, temperature=1.0, top_p=0.9, seed=11,
-                               sample_count=2)
+    other = forecaster.predict(frame, pred_len=3, temperature=1.0, top_p=0.9, seed=11, sample_count=2)
     assert not got[["close"]].equals(other[["close"]])
     greedy = grpc_infer(server, frame, {"pred_len": 2, "top_k": 1, "temperature": "2.5"})
     assert_same(greedy, forecaster.predict(frame, pred_len=2, top_k=1))
@@ -98,9 +108,8 @@ def test_sixteen_concurrent_clients_get_their_own_forecasts(server, serving_regi
     ids = ["A", "B", "C", "D"]
     cases = []
     for i in range(16):
-        frame = history(ids[i % 3: i % 3 + 1 + i % 2], seed=100 + i, length=30 + i)
-        params = {"pred_len": 2 + i % 4, "top_k": 1, "sample_count": 1 + i % 2,
-                  "temperature": 0.5 + i / 10}
+        frame = history(ids[i % 3 : i % 3 + 1 + i % 2], seed=100 + i, length=30 + i)
+        params = {"pred_len": 2 + i % 4, "top_k": 1, "sample_count": 1 + i % 2, "temperature": 0.5 + i / 10}
         cases.append((frame, params, forecaster.predict(frame, **params)))
     bad = history(["A"], seed=99)
     bad.loc[5, "timestamp"] = bad.loc[4, "timestamp"]  # a duplicate timestamp: 400
@@ -120,20 +129,18 @@ def test_sixteen_concurrent_clients_get_their_own_forecasts(server, serving_regi
         assert reply.status_code == 200, reply.text
         assert_same(response_frame(reply.json()), want)
     after = server.metrics()
-    passes = (metric_value(after, "kronos_batch_requests_count")
-              - metric_value(before, "kronos_batch_requests_count"))
-    single = (metric_value(after, "kronos_batch_requests_bucket", le="1.0")
-              - metric_value(before, "kronos_batch_requests_bucket", le="1.0"))
-    requests = (metric_value(after, "kronos_batch_requests_sum")
-                - metric_value(before, "kronos_batch_requests_sum"))
+    passes = metric_value(after, "kronos_batch_requests_count") - metric_value(before, "kronos_batch_requests_count")
+    single = metric_value(after, "kronos_batch_requests_bucket", le="1.0") - metric_value(
+        before, "kronos_batch_requests_bucket", le="1.0"
+    )
+    requests = metric_value(after, "kronos_batch_requests_sum") - metric_value(before, "kronos_batch_requests_sum")
     assert requests == 16
     assert passes < 16 and single < passes, (passes, single)  # requests shared cohorts
-    assert metric_value(after, "kronos_batch_series_sum") > metric_value(
-        before, "kronos_batch_series_sum")
-    steps = (metric_value(after, "kronos_step_series_count")
-             - metric_value(before, "kronos_step_series_count"))
-    lone_steps = (metric_value(after, "kronos_step_series_bucket", le="1.0")
-                  - metric_value(before, "kronos_step_series_bucket", le="1.0"))
+    assert metric_value(after, "kronos_batch_series_sum") > metric_value(before, "kronos_batch_series_sum")
+    steps = metric_value(after, "kronos_step_series_count") - metric_value(before, "kronos_step_series_count")
+    lone_steps = metric_value(after, "kronos_step_series_bucket", le="1.0") - metric_value(
+        before, "kronos_step_series_bucket", le="1.0"
+    )
     assert steps > 0 and lone_steps < steps, (steps, lone_steps)  # series shared steps
 
 
@@ -152,14 +159,18 @@ def test_bad_inputs_get_400_and_leave_the_server_healthy(server):
         (good, {"pred_len": {"nested": 1}}, "pred_len"),
         (good, {"temprature": 0.5}, "unknown param"),
         (good, {"pred_len": 2, "timeout_s": "-1"}, "timeout_s"),
-        (history([f"s{i}" for i in range(4)], seed=1, length=40), {"pred_len": 100, "sample_count": 64},
-         "max_request_memory_mb"),
+        (
+            history([f"s{i}" for i in range(4)], seed=1, length=40),
+            {"pred_len": 100, "sample_count": 64},
+            "max_request_memory_mb",
+        ),
     ]
     with httpx.Client(timeout=60) as client:
         for frame, params, needle in cases:
             body = json.dumps(v2_request(frame, params)).replace("NaN", "null")  # JSON has no NaN
-            reply = client.post(f"{server.url}/v2/models/{MODEL_NAME}/infer", content=body,
-                                headers={"content-type": "application/json"})
+            reply = client.post(
+                f"{server.url}/v2/models/{MODEL_NAME}/infer", content=body, headers={"content-type": "application/json"}
+            )
             assert reply.status_code == 400, (needle, reply.status_code, reply.text)
             assert needle in reply.json()["error"], (needle, reply.text)
         with pytest.raises(grpc.RpcError) as caught:
@@ -220,12 +231,17 @@ def test_overload_gives_503_at_once_and_clients_that_leave_free_the_worker(serve
         wait_live(client, server, lambda s: s["running"] and s["queued_series"] == 0)
         clients[0].close()  # then the running one: its series leave generation
         wait_live(client, server, lambda s: not s["running"], timeout_s=180)
-        wait_metric(server, "kronos_requests_total",
-                    metric_value(before, "kronos_requests_total", outcome="cancelled") + 3, outcome="cancelled")
+        wait_metric(
+            server,
+            "kronos_requests_total",
+            metric_value(before, "kronos_requests_total", outcome="cancelled") + 3,
+            outcome="cancelled",
+        )
         assert server.infer(client, history(["after"], seed=10), {"pred_len": 2}).status_code == 200
     after = server.metrics()
-    dropped = (metric_value(after, "kronos_abandoned_series_total", reason="cancelled")
-               - metric_value(before, "kronos_abandoned_series_total", reason="cancelled"))
+    dropped = metric_value(after, "kronos_abandoned_series_total", reason="cancelled") - metric_value(
+        before, "kronos_abandoned_series_total", reason="cancelled"
+    )
     assert dropped == 24  # the blocker's series left generation; the fillers never started
     assert metric_value(after, "kronos_requests_total", outcome="overloaded") >= 2
     assert metric_value(after, "kronos_queue_cost_bytes") == 0
@@ -264,17 +280,16 @@ def test_a_grpc_call_that_ends_early_leaves_generation(server, how):
 
 def test_invocations_metadata_liveness_and_metrics(server, serving_registry):
     frame = history(["A", "B"], seed=4)
-    split = json.loads(frame.assign(timestamp=frame["timestamp"].astype(str))
-                       .to_json(orient="split", index=False))
+    split = json.loads(frame.assign(timestamp=frame["timestamp"].astype(str)).to_json(orient="split", index=False))
     with httpx.Client(timeout=60) as client:
-        reply = client.post(f"{server.url}/invocations",
-                            json={"dataframe_split": split, "params": {"pred_len": 3, "top_k": 1}})
+        reply = client.post(
+            f"{server.url}/invocations", json={"dataframe_split": split, "params": {"pred_len": 3, "top_k": 1}}
+        )
         assert reply.status_code == 200, reply.text
         got = pd.DataFrame(reply.json()["predictions"])
         got["timestamp"] = pd.to_datetime(got["timestamp"])
         assert_same(got, serving_registry.forecaster("1").predict(frame, pred_len=3, top_k=1))
-        bad = client.post(f"{server.url}/invocations", json={"dataframe_split": split,
-                                                             "params": {"pred_len": 0}})
+        bad = client.post(f"{server.url}/invocations", json={"dataframe_split": split, "params": {"pred_len": 0}})
         assert bad.status_code == 400, bad.text
         meta = client.get(f"{server.url}/v2/models/{MODEL_NAME}").json()
         assert meta["versions"] == ["1"]
@@ -288,8 +303,9 @@ def test_invocations_metadata_liveness_and_metrics(server, serving_registry):
     assert metric_value(text, "kronos_ready") == 1
     assert metric_value(text, "kronos_model_info", model_version="1") == 1
     assert metric_value(text, "kronos_queue_budget_bytes") == QUEUE_BUDGET_MB * 2**20
-    assert "batch_request_queue_bucket" not in text or \
-        metric_value(text, "batch_request_queue_count") == 0  # MLServer's batcher never ran
+    assert (
+        "batch_request_queue_bucket" not in text or metric_value(text, "batch_request_queue_count") == 0
+    )  # MLServer's batcher never ran
 
 
 def test_promote_and_roll_back_under_load(server, serving_registry):
@@ -352,8 +368,7 @@ def test_promote_and_roll_back_under_load(server, serving_registry):
 
 def test_a_broken_promotion_keeps_the_old_version_serving(server, serving_registry):
     client_registry = serving_registry.client()
-    broken = client_registry.create_model_version(
-        MODEL_NAME, source=(serving_registry.root / "no-such-model").as_uri())
+    broken = client_registry.create_model_version(MODEL_NAME, source=(serving_registry.root / "no-such-model").as_uri())
     frame = history(["Z"], seed=12)
     try:
         serving_registry.set_champion(str(broken.version))
