@@ -329,44 +329,10 @@ class RandomShape:
 def random_shape(name: str) -> RandomShape:
     """`tiny` (a few thousand parameters, window 512) or a published preset's shape
     (`mini`, `small`, `base`); ValueError for anything else."""
-    from model_package.kronos import KronosConfig, TokenizerConfig
-    from model_package.kronos.presets import preset_by_name
+    from model_package.kronos.presets import TINY_MODEL_CONFIG, TINY_TOKENIZER_CONFIG, preset_by_name
 
     if name == "tiny":
-        return RandomShape(
-            TokenizerConfig(
-                d_in=6,
-                d_model=32,
-                n_heads=2,
-                ff_dim=64,
-                n_enc_layers=3,
-                n_dec_layers=3,
-                ffn_dropout_p=0.0,
-                attn_dropout_p=0.0,
-                resid_dropout_p=0.0,
-                s1_bits=8,
-                s2_bits=8,
-                beta=0.05,
-                gamma0=1.0,
-                gamma=1.1,
-                zeta=0.05,
-                group_size=4,
-            ),
-            KronosConfig(
-                s1_bits=8,
-                s2_bits=8,
-                n_layers=2,
-                d_model=48,
-                n_heads=3,
-                ff_dim=96,
-                ffn_dropout_p=0.0,
-                attn_dropout_p=0.0,
-                resid_dropout_p=0.0,
-                token_dropout_p=0.0,
-                learn_te=True,
-            ),
-            512,
-        )
+        return RandomShape(TINY_TOKENIZER_CONFIG, TINY_MODEL_CONFIG, 512)
     preset = preset_by_name(name)
     if preset is None:
         raise ValueError(f"unknown model shape {name!r} (tiny, mini, small, base)")

@@ -12,7 +12,8 @@ import torch
 from hypothesis import settings
 
 from model_package.data import random_walk_candles
-from model_package.kronos import KronosConfig, TokenizerConfig, write_random_checkpoint
+from model_package.kronos import write_random_checkpoint
+from model_package.kronos.presets import TINY_MODEL_CONFIG, TINY_TOKENIZER_CONFIG
 
 # Data the tests need, carried in the repository (the upstream reference outputs and their
 # tiny weights; see each folder's README).
@@ -31,37 +32,7 @@ settings.load_profile("kronos")
 # Model tests run on the CPU unless KRONOS_TEST_DEVICE names another device (e.g. cuda).
 TEST_DEVICE = os.environ.get("KRONOS_TEST_DEVICE", "cpu")
 
-TINY_TOKENIZER = TokenizerConfig(
-    d_in=6,
-    d_model=32,
-    n_heads=2,
-    ff_dim=64,
-    n_enc_layers=3,
-    n_dec_layers=3,
-    ffn_dropout_p=0.0,
-    attn_dropout_p=0.0,
-    resid_dropout_p=0.0,
-    s1_bits=8,
-    s2_bits=8,
-    beta=0.05,
-    gamma0=1.0,
-    gamma=1.1,
-    zeta=0.05,
-    group_size=4,
-)
-TINY_MODEL = KronosConfig(
-    s1_bits=8,
-    s2_bits=8,
-    n_layers=2,
-    d_model=48,
-    n_heads=3,
-    ff_dim=96,
-    ffn_dropout_p=0.1,
-    attn_dropout_p=0.0,
-    resid_dropout_p=0.1,
-    token_dropout_p=0.0,
-    learn_te=True,
-)
+TINY_TOKENIZER, TINY_MODEL = TINY_TOKENIZER_CONFIG, TINY_MODEL_CONFIG
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,18 @@ PRESETS: dict[str, Preset] = {
 
 DEFAULT_MAX_CONTEXT = 512
 
+# A few thousand parameters of the same architecture: what tests and local demos generate
+# with random weights (fast on any CPU; forecasts meaningless).
+TINY_TOKENIZER_CONFIG = TokenizerConfig(
+    d_in=6, d_model=32, n_heads=2, ff_dim=64, n_enc_layers=3, n_dec_layers=3, ffn_dropout_p=0.0,
+    attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=8, s2_bits=8, beta=0.05, gamma0=1.0, gamma=1.1,
+    zeta=0.05, group_size=4,
+)  # fmt: skip
+TINY_MODEL_CONFIG = KronosConfig(
+    s1_bits=8, s2_bits=8, n_layers=2, d_model=48, n_heads=3, ff_dim=96, ffn_dropout_p=0.0,
+    attn_dropout_p=0.0, resid_dropout_p=0.0, token_dropout_p=0.0, learn_te=True,
+)  # fmt: skip
+
 
 def preset_by_name(name: str) -> Preset | None:
     """The preset for a hub id (`NeoQuasar/Kronos-small`) or a short name (`small`, `kronos-small`)."""
