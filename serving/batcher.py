@@ -218,9 +218,8 @@ class SeriesBatcher:
         request: PreparedRequest,
         deadline_s: float,
         timings: dict[str, float] | None = None,
-        cost: GenerationCost | None = None,
     ) -> Forecast:
-        """Queue a validated request of `cost` (default: priced here) and wait for its forecast.
+        """Queue a validated request, priced here (`model_package.budget`), and wait for its forecast.
 
         Raises OverloadedError at once when the queue's budget has no room for its cost, and
         DeadlineExceededError when `deadline_s` passes first (its series are then abandoned at
@@ -229,7 +228,7 @@ class SeriesBatcher:
         """
         if self._closing:
             raise BatcherClosedError("the model is being unloaded")
-        cost = cost if cost is not None else prepared_cost(forecaster, request)
+        cost = prepared_cost(forecaster, request)
         budget = self.config.queue_budget_bytes
         if self._queued_bytes + cost.memory_bytes > budget:
             raise OverloadedError(self._queued_bytes, budget, self.config.retry_after_s)

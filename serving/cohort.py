@@ -36,12 +36,19 @@ from model_package.kronos.cost import GenerationCost, SeriesWork, generation_cos
 logger = logging.getLogger("kronos.serving.cohort")
 
 
-def request_work(requests: Sequence[PreparedRequest], joined_at: int = 0) -> list[SeriesWork]:
-    """The series of `requests` as cost-model work; `joined_at` steps of a running
-    generation lengthen their horizon there (their suffix columns start at its start)."""
+def series_work(series: Sequence[SeriesInput], joined_at: Sequence[int]) -> list[SeriesWork]:
+    """Series as cost-model work; a series that joined a running generation at step j
+    counts j more steps (its suffix columns start at the generation's start)."""
     return [
-        SeriesWork(int(s.candles.shape[0]), joined_at + s.pred_len, s.sample_count) for r in requests for s in r.inputs
+        SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
+        for s, join in zip(series, joined_at, strict=True)
     ]
+
+
+def request_work(requests: Sequence[PreparedRequest], joined_at: int = 0) -> list[SeriesWork]:
+    """The series of `requests`, joining at step `joined_at`, as cost-model work."""
+    inputs = [s for r in requests for s in r.inputs]
+    return series_work(inputs, [joined_at] * len(inputs))
 
 
 class PricedRequest(Protocol):
@@ -217,10 +224,7 @@ class CohortRunner:
         charged = cohort.charged_bytes + sum(
             c.charged_bytes for c in self.cohorts if c.generation is host and not c.done
         )
-        host_work = [
-            SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
-            for s, join in zip(host.series, host.series_join, strict=True)
-        ]
+        host_work = series_work(host.series, host.series_join)
         return padded_bytes(cohort.forecaster, host_work + request_work(cohort.requests, host.step)) <= charged
 
     def step(self) -> list[Cohort]:

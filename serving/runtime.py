@@ -34,7 +34,6 @@ from mlserver.settings import ModelSettings as MLServerModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
 from model_package import KronosInputError
-from model_package.budget import prepared_cost
 from model_package.pyfunc import prepare_request
 from model_package.scoring import parse_scoring_request
 
@@ -236,8 +235,7 @@ class KronosRuntime(MLModel):
                     "inputs", f"must have <= {self.config.max_request_rows} rows (max_request_rows), got {len(history)}"
                 )
             request = await asyncio.to_thread(prepare_request, loaded.forecaster, history, params, loaded.settings)
-            cost = prepared_cost(loaded.forecaster, request)  # within budget: prepare checked
-            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s, timings, cost)
+            forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s, timings)
             outcome = "ok"
             return forecast.frame, loaded
         except KronosInputError as exc:

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from google.protobuf.unknown_fields import UnknownFieldSet
 from mlserver.errors import MLServerError
 from mlserver.grpc import converters, servicers
@@ -37,19 +38,20 @@ from ..logs import REQUEST_ID_HEADER, current_request_id, well_formed_request_id
 DOUBLE_PARAM_FIELD = 4
 UINT64_PARAM_FIELD = 5
 _FIXED64, _VARINT = 1, 0
-_ITEM_BYTES = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "FP32": 4,
-    "FP64": 8,
+# V2 numeric datatypes as little-endian numpy dtypes (raw contents and binary tensor data)
+NUMPY_DTYPES = {
+    "BOOL": "?",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
 }
 _PATCHED = "__kronos_patched__"
 
@@ -169,7 +171,7 @@ def _check_raw(name: str, datatype: Datatype, elements: int, buffer: bytes) -> N
         if count != elements:
             raise InvalidGrpcRequestError(f"{name}: raw contents hold {count} BYTES elements, shape needs {elements}")
         return
-    itemsize = _ITEM_BYTES[datatype.value]
+    itemsize = np.dtype(NUMPY_DTYPES[datatype.value]).itemsize
     if len(buffer) != elements * itemsize:
         raise InvalidGrpcRequestError(
             f"{name}: raw contents have {len(buffer)} bytes, shape and {datatype.value} need {elements * itemsize}"

@@ -30,6 +30,7 @@ import mlserver.rest.server as rest_server
 import numpy as np
 
 from ..logs import current_request_id, well_formed_request_id
+from .grpc_input import NUMPY_DTYPES
 from .status import log_answer
 
 Scope = MutableMapping[str, Any]
@@ -42,20 +43,6 @@ REQUEST_ID_HEADER = b"x-request-id"
 BINARY_HEADER = b"inference-header-content-length"
 INFERENCE_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/(infer|generate)$|^/invocations$")
 MAX_BINARY_HEADER_BYTES = 64 << 20
-_NUMPY_TYPES = {
-    "BOOL": "?",
-    "UINT8": "<u1",
-    "UINT16": "<u2",
-    "UINT32": "<u4",
-    "UINT64": "<u8",
-    "INT8": "<i1",
-    "INT16": "<i2",
-    "INT32": "<i4",
-    "INT64": "<i8",
-    "FP16": "<f2",
-    "FP32": "<f4",
-    "FP64": "<f8",
-}
 _PATCHED = "__kronos_patched__"
 
 
@@ -94,8 +81,7 @@ class KronosHTTPMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
-                message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
+                _set_header(message, REQUEST_ID_HEADER, request_id)
             await send(message)
 
         if scope.get("method") != "POST" or not INFERENCE_PATH.match(scope.get("path", "")):
@@ -116,20 +102,20 @@ class KronosHTTPMiddleware:
 
 def normalise_request_id(scope: Scope) -> bytes:
     """Leave exactly one well-formed X-Request-ID header in `scope`; return its value."""
-    values = [v for k, v in scope.get("headers", []) if k.lower() == REQUEST_ID_HEADER]
-    value = well_formed_request_id(values[0] if values else None).encode()
-    scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
-    scope["headers"].append((REQUEST_ID_HEADER, value))
+    value = well_formed_request_id(_header(scope, REQUEST_ID_HEADER)).encode()
+    _set_header(scope, REQUEST_ID_HEADER, value)
     return value
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    return next((v for k, v in scope.get("headers", []) if k.lower() == name), None)
+def _header(holder: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` of a scope (or a response start message)."""
+    return next((v for k, v in holder.get("headers", []) if k.lower() == name), None)
 
 
-def _set_header(scope: Scope, name: bytes, value: bytes | None) -> None:
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != name]
-    scope["headers"] = headers if value is None else [*headers, (name, value)]
+def _set_header(holder: Scope | Message, name: bytes, value: bytes | None) -> None:
+    """Leave exactly one header `name` (with `value`), or none when `value` is None."""
+    headers = [(k, v) for k, v in holder.get("headers", []) if k.lower() != name]
+    holder["headers"] = headers if value is None else [*headers, (name, value)]
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
@@ -253,11 +239,11 @@ def _inline_tensor(index: int, tensor: dict[str, Any], body: bytes, offset: int)
     datatype = tensor.get("datatype")
     if datatype == "BYTES":
         tensor["data"] = _bytes_elements(where, chunk)
-    elif datatype in _NUMPY_TYPES:
-        itemsize = np.dtype(_NUMPY_TYPES[datatype]).itemsize
+    elif datatype in NUMPY_DTYPES:
+        itemsize = np.dtype(NUMPY_DTYPES[datatype]).itemsize
         if size % itemsize:
             raise BadBodyError(f"{where}: {size} bytes of {datatype} data is not a multiple of {itemsize}")
-        values = np.frombuffer(chunk, dtype=_NUMPY_TYPES[datatype]).tolist()
+        values = np.frombuffer(chunk, dtype=NUMPY_DTYPES[datatype]).tolist()
         # JSON has no NaN/inf: they travel as null, which the candle checks refuse by name
         tensor["data"] = [v if not isinstance(v, float) or math.isfinite(v) else None for v in values]
     else:

@@ -27,7 +27,6 @@ from mlserver.errors import MLServerError
 
 RETRY_AFTER_HEADER = "Retry-After"
 MAX_DETAIL_CHARS = 300
-RELAYED_MARK = "kronos_relayed"  # set on errors the worker's runtime answered (and logged)
 logger = logging.getLogger("kronos.serving.answers")
 _PATCHED = "__kronos_patched__"
 _retry_after_s = 2
@@ -64,11 +63,6 @@ def install(retry_after_s: int) -> None:
 
     setattr(RetryAfterResponse, _PATCHED, True)
     rest_errors.Response = RetryAfterResponse
-
-
-def retry_after_s() -> int:
-    """The Retry-After (seconds) sent with 503s."""
-    return _retry_after_s
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -115,9 +109,14 @@ def is_client_side(exc: BaseException | None) -> bool:
     )
 
 
+class RelayedError(MLServerError):
+    """A client-side error raised in the worker, relayed with its own message and status
+    (the runtime logged it there already)."""
+
+
 def is_relayed(exc: BaseException | None) -> bool:
     """An answer the runtime (in the worker) gave and logged already."""
-    return getattr(exc, RELAYED_MARK, False) is True
+    return isinstance(exc, RelayedError)
 
 
 class ClientErrorFilter(logging.Filter):

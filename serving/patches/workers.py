@@ -29,22 +29,13 @@ from mlserver.parallel.messages import ModelRequestMessage, ModelResponseMessage
 from mlserver.parallel.model import ParallelModel
 from mlserver.types import InferenceRequest, InferenceResponse
 
-from .status import RELAYED_MARK, is_client_side
+from .status import RelayedError, is_client_side
 
 CANCEL_METHOD = "__kronos_cancel__"
 logger = logging.getLogger("kronos.serving.worker")
 # worker process: request message id -> the task running it
 _running: dict[str, asyncio.Task] = {}
 _PATCHED = "__kronos_patched__"
-
-
-class RelayedError(MLServerError):
-    """A client-side error raised in the worker, relayed with its own message and status
-    (the runtime logged it there already)."""
-
-    def __init__(self, msg: str, status_code: int = 400) -> None:
-        super().__init__(msg, status_code)
-        setattr(self, RELAYED_MARK, True)
 
 
 def install() -> None:
