@@ -63,7 +63,8 @@ CMD ["python", "/app/gateway/render.py", "--check", "--exec"]
 
 # ----------------------------------------------------------------------------- runtime
 # MLServer with the Kronos runtime (default target). The same image runs the registry CLI
-# (`kronos-registry ...`) and the MLflow tracking server (`mlflow server ...`).
+# (`kronos-registry ...`) and the MLflow tracking server (`mlflow server ...`), and carries
+# the trained demo model that `make serve` and the compose `register` job fall back to.
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -81,6 +82,11 @@ RUN python -c "import json, pathlib; p = pathlib.Path('/app/serving/settings.jso
 s = json.loads(p.read_text()); s['host'] = '0.0.0.0'; p.write_text(json.dumps(s, indent=2))"
 WORKDIR /app
 USER 10001:10001
+# The trained demo model (package data, model_package/demo_weights) is in the image and
+# readable by the server's user: the compose `register` job logs it by default
+# (`kronos-registry log --demo`). -I: the installed package, not one in the working dir.
+RUN python -I -c "from model_package.demo import demo_checkpoints; \
+[(d / n).read_bytes() for d in demo_checkpoints() for n in ('config.json', 'model.safetensors')]"
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=4)"]

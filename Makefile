@@ -13,13 +13,15 @@ BIN_PD3 := $(VENV_PD3)/bin
 STAMP_PD3 := $(VENV_PD3)/.installed
 PIP_PD3 := $(BIN_PD3)/python -m pip --disable-pip-version-check -q
 
-.PHONY: help venv system test test-pandas3 test-fast lint serve bench loadtest soak clean
+.PHONY: help venv system test test-pandas3 test-fast lint serve bench bench-train demo-model demo-model-card loadtest soak clean
 
 help:
 	@echo "make test    - set up (venv, packages, system services) and run the whole test suite"
 	@echo "make test-pandas3 - model and pyfunc tests in a second venv with pandas 3 (no MLServer)"
 	@echo "make serve   - set up and run the serving stack on the embedded default registry"
 	@echo "make bench   - model-level benchmark: reference vs fast generation"
+	@echo "make bench-train - training step vs upstream Kronos (needs ../shared/reference)"
+	@echo "make demo-model - train the shipped demo model from scratch (CPU, <30 min) + its model card"
 	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
 	@echo "make soak    - start a local stack, soak it below and above capacity, check"
@@ -75,8 +77,22 @@ lint: venv
 bench: venv
 	$(BIN)/python -m model_package.bench $(BENCH_ARGS)
 
-# Registers NeoQuasar/Kronos-small as kronos@champion when the registry has none (random
-# demo weights with a loud warning when the hub is unreachable), then runs MLServer on
+# Training throughput (windows/s) of our training step against upstream Kronos's, same batch,
+# same process; upstream's code is read from ../shared/reference/kronos-upstream.
+bench-train: venv
+	$(BIN)/python -m model_package.bench_training $(BENCH_ARGS)
+
+# Trains model_package/demo_weights from scratch (seeded, one CPU thread) on the S&P 500 and
+# NASDAQ daily candles that `arch` ships, then backtests it on the held-out years and writes
+# model_package/demo_weights/MODEL_CARD.md. `make demo-model-card` re-evaluates only.
+demo-model: venv
+	$(BIN)/python -m registry_scripts.demo_model all
+
+demo-model-card: venv
+	$(BIN)/python -m registry_scripts.demo_model card
+
+# Registers NeoQuasar/Kronos-small as kronos@champion when the registry has none (the shipped
+# trained demo model, model_package/demo_weights, when the hub is unreachable), then runs MLServer on
 # 127.0.0.1 (serving/settings.json). Registry: MLFLOW_TRACKING_URI, default .state/mlflow.
 serve: venv
 	$(BIN)/python -m serving $(SERVE_ARGS)
@@ -98,7 +114,7 @@ loadtest: venv
 	  --host $(LOADTEST_HOST) --grpc-target $(LOADTEST_GRPC) \
 	  --csv $(LOADTEST_REPORTS)/loadtest --html $(LOADTEST_REPORTS)/loadtest.html $(LOADTEST_ARGS)
 
-# Bounded soak (a few minutes): starts its own MLServer (demo weights, temporary registry,
+# Bounded soak (a few minutes): starts its own MLServer (the demo model, temporary registry,
 # free ports), checks zero failures below capacity, fast 503s above it, RSS growth, health.
 soak: venv
 	$(BIN)/python -m serving.loadtest.soak $(SOAK_ARGS)

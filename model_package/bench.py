@@ -6,7 +6,9 @@
     python -m model_package.bench --memory        # measured peak memory vs the cost bound
 
 Random weights of the Kronos-small shape with the Tokenizer-base shape (no hub access
-needed; speed does not depend on the weight values). Every timing is the median of
+needed; speed does not depend on the weight values). The shipped trained demo model
+(`model_package.demo`) is deliberately not used: it is much smaller than the published
+shapes whose speed this measures, and nothing here looks at forecast quality. Every timing is the median of
 `--repeats` runs; ratios are computed from medians measured in the same process.
 """
 

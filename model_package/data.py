@@ -44,6 +44,35 @@ def load_indexes(last: int | None = None) -> pd.DataFrame:
     return pd.concat([load_index(name, last) for name in INDEXES], ignore_index=True)
 
 
+ARCH_PREFIX = "arch:"
+
+
+def read_candles(source: str) -> tuple[pd.DataFrame, str]:
+    """(frame, description) of a data source: `arch:SP500`, `arch:NASDAQ`, `arch:ALL` (both),
+    or a `.csv` / `.parquet` file. Raises ValueError with a one-line reason."""
+    if source.startswith(ARCH_PREFIX):
+        name = source[len(ARCH_PREFIX) :].upper()
+        if name == "ALL":
+            return load_indexes(), source
+        if name not in INDEXES:
+            raise ValueError(f"unknown arch index {source!r}: use arch:SP500, arch:NASDAQ or arch:ALL")
+        return load_index(name), f"{ARCH_PREFIX}{name}"
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise ValueError(f"unsupported data file {path}: use .csv or .parquet")
+    try:
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # parser, encoding, arrow errors: all mean a bad file
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot read {path}: {detail}") from None
+    return frame, f"file:{path.name}"
+
+
 def random_walk_candles(
     length: int,
     seed: int | np.random.Generator = 0,

@@ -28,6 +28,7 @@ from .frames import (
     Series,
     denormalise,
     normalise,
+    repair_candles,
     split_series,
 )
 from .kronos import (
@@ -73,6 +74,7 @@ class SamplingParams:
     quantiles: tuple[float, ...] = ()  # levels in (0, 1) -> {column}_q{level} columns
     freq: str | None = None  # pandas offset alias ("B", "5min"); None = inferred per series
     strict_candles: bool = True  # prices > 0, low <= open, close <= high, volume/amount >= 0
+    repair_candles: bool = False  # forecast paths made well-formed: see frames.repair_candles
 
     def __post_init__(self) -> None:
         # Validate, and store plain Python types (numpy scalars and lists come in too).
@@ -98,6 +100,9 @@ class SamplingParams:
         if not isinstance(self.strict_candles, (bool, np.bool_)):
             raise KronosInputError("strict_candles", f"must be true or false, got {brief(self.strict_candles)}")
         set_(self, "strict_candles", bool(self.strict_candles))
+        if not isinstance(self.repair_candles, (bool, np.bool_)):
+            raise KronosInputError("repair_candles", f"must be true or false, got {brief(self.repair_candles)}")
+        set_(self, "repair_candles", bool(self.repair_candles))
 
 
 def _checked_int(name: str, value: object, minimum: int, maximum: int) -> int:
@@ -290,6 +295,7 @@ class KronosForecaster:
         quantiles: Sequence[float] | None = None,
         freq: str | None = _DEFAULTS.freq,
         strict_candles: bool = _DEFAULTS.strict_candles,
+        repair_candles: bool = _DEFAULTS.repair_candles,
     ) -> pd.DataFrame:
         """Forecast `pred_len` candles per series: the mean over `sample_count` sampled
         paths, plus `{column}_q{level}` columns for each quantile level.
@@ -298,6 +304,8 @@ class KronosForecaster:
         call draws fresh randomness (the global torch RNG is never used). Defaults and
         ranges: `SamplingParams`. `strict_candles=False` accepts zero/negative prices and
         bars whose open/close lie outside [low, high] (see `model_package.frames`).
+        `repair_candles=True` post-processes every sampled path into well-formed bars
+        (`frames.repair_candles`) before the mean and quantiles are taken.
         """
         params = SamplingParams(
             pred_len,
@@ -309,6 +317,7 @@ class KronosForecaster:
             tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
             freq,
             strict_candles,
+            repair_candles,
         )
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
@@ -326,10 +335,13 @@ class KronosForecaster:
         seed: int | None = _DEFAULTS.seed,
         freq: str | None = _DEFAULTS.freq,
         strict_candles: bool = _DEFAULTS.strict_candles,
+        repair_candles: bool = _DEFAULTS.repair_candles,
     ) -> pd.DataFrame:
         """Every sampled path, long format: series_id (when given), `path`, timestamp and
         the six columns. With the same arguments, `predict` returns the mean of these."""
-        params = SamplingParams(pred_len, temperature, top_k, top_p, sample_count, seed, (), freq, strict_candles)
+        params = SamplingParams(
+            pred_len, temperature, top_k, top_p, sample_count, seed, (), freq, strict_candles, repair_candles
+        )
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
         return paths_frame(request, self.finish(request, outputs).paths)
@@ -374,6 +386,8 @@ class KronosForecaster:
             if output is None:
                 raise RuntimeError(f"series {prepared.series.label!r} was not generated")
             paths = denormalise(output.paths.float().cpu().numpy(), prepared.mean, prepared.std)
+            if request.params.repair_candles:
+                paths = repair_candles(paths)
             if not np.isfinite(paths).all():  # never answer NaN/inf (null in JSON) forecasts
                 raise KronosInputError(
                     "history",

@@ -214,3 +214,16 @@ def normalise(candles: np.ndarray, clip: float) -> tuple[np.ndarray, np.ndarray,
 def denormalise(z: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """z [..., 6] -> candles [..., 6] (float32 arithmetic, as upstream)."""
     return (z.astype(np.float32) * (std + NORM_EPS) + mean).astype(np.float32)
+
+
+def repair_candles(candles: np.ndarray) -> np.ndarray:
+    """Forecast candles [..., 6] made well-formed (optional post-processing, off by default):
+    high >= max(open, close), low <= min(open, close), volume and amount >= 0. Only values
+    that break a rule move, each to the nearest value that keeps it. Applied to every
+    sampled path, the means and quantiles over paths are then well-formed too."""
+    out = candles.copy()
+    open_, close = out[..., 0], out[..., 3]
+    out[..., 1] = np.maximum(out[..., 1], np.maximum(open_, close))
+    out[..., 2] = np.minimum(out[..., 2], np.minimum(open_, close))
+    out[..., 4:6] = np.maximum(out[..., 4:6], 0)
+    return out

@@ -73,10 +73,10 @@ def _stage_checkpoint(directory: Path, target: Path) -> Path:
 
 
 def _stage_code(target: Path) -> Path:
-    """A copy of our package without caches, for `code_paths`."""
-    return Path(
-        shutil.copytree(PACKAGE_DIR, target / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    )
+    """A copy of our package without caches and without the shipped demo weights (a logged
+    model carries its own weights as artifacts), for `code_paths`."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "demo_weights")
+    return Path(shutil.copytree(PACKAGE_DIR, target / PACKAGE_DIR.name, ignore=ignore))
 
 
 def log_kronos_model(

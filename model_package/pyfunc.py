@@ -168,8 +168,9 @@ def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
         coerced["quantiles"] = _as_float_list("quantiles", values["quantiles"])
     if "freq" in values:
         coerced["freq"] = _as_optional_str("freq", values["freq"])
-    if "strict_candles" in values:
-        coerced["strict_candles"] = _as_bool("strict_candles", values["strict_candles"])
+    for name in ("strict_candles", "repair_candles"):
+        if name in values:
+            coerced[name] = _as_bool(name, values[name])
     return SamplingParams(**coerced)  # fills the defaults, checks the ranges
 
 

@@ -1,11 +1,16 @@
-"""`kronos-registry`: log, evaluate, promote, roll back and inspect Kronos model versions.
+"""`kronos-registry`: log, fine-tune, evaluate, promote, roll back and inspect Kronos model versions.
 
 Registry: $MLFLOW_TRACKING_URI (default: the project's sqlite file .state/mlflow/mlflow.db,
 shared with `make serve`); registered model: --name or $KRONOS_REGISTERED_MODEL (`kronos`).
 
 Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 gate refused, 4 registry unreachable,
-5 not found (unknown model/alias/version, no earlier champion to roll back to, or a
-checkpoint that cannot be resolved), 6 bad data file.
+5 not found (unknown model/alias/version, no earlier champion to roll back to, a
+checkpoint that cannot be resolved, nothing to resume), 6 bad data (file missing,
+unreadable or not long-format candles; too short for one training window), 130
+interrupted (finetune: state saved, continue with --resume).
+
+Fine-tuning on several processes: torchrun --nproc_per_node N -m registry_scripts finetune ...
+(DistributedDataParallel; only rank 0 talks to MLflow).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import errors
@@ -43,6 +49,16 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> Non
     parser.add_argument(name, nargs="?", const=True, default=False, type=_flag, metavar="BOOL", help=help_text)
 
 
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`kind`, except that "" means not given (None): MLproject passes empty defaults."""
+
+    def parse(text: str) -> Any:
+        return kind(text) if text.strip() else None
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in errors
+    return parse
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -60,12 +76,57 @@ def _add_log(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--revision", type=_text, help="hub revision of the model")
     p.add_argument("--tokenizer-revision", type=_text, help="hub revision of the tokenizer")
     p.add_argument("--max-context", type=_positive, help="context length (default: the checkpoint's)")
-    _add_flag(p, "--demo", "RANDOM small weights, tagged kronos.demo=true")
-    p.add_argument("--demo-seed", type=int, default=0, help="seed of the demo weights")
+    _add_flag(
+        p,
+        "--demo",
+        "the shipped demo pair (small, trained on daily S&P 500 / NASDAQ bars; "
+        "model_package/demo_weights/MODEL_CARD.md), tagged kronos.demo=true",
+    )
+    p.add_argument(
+        "--demo-seed",
+        type=_optional(int),
+        help="with --demo: RANDOM weights of this seed instead (workflow tests only)",
+    )
     _add_flag(p, "--if-no-champion", "do nothing when a champion exists")
     _add_flag(p, "--promote", "also make the new version champion (recorded)")
     p.add_argument("--reason", type=_text, help="reason recorded with --promote")
     p.set_defaults(handler=_run_log)
+
+
+def _add_finetune(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, with_training: bool = True) -> None:
+    p = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune a base on candles; registers the result (alias challenger)",
+        description="Fine-tune a Kronos pair on candles in one MLflow run (experiment kronos-finetune) and "
+        "register the result as a new version with alias challenger and kronos.lineage.* tags. "
+        "Ctrl-C / SIGTERM saves the state (exit 130); rerun with --resume to continue the same run. "
+        "Several processes: torchrun --nproc_per_node N -m registry_scripts finetune ...",
+    )
+    p.add_argument(
+        "--base",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, a hub id (NeoQuasar/Kronos-small) or a directory "
+        "(a checkpoint, or a pair with tokenizer/ and model/)",
+    )
+    p.add_argument("--data", required=True, help="long-format .csv / .parquet, or arch:SP500, arch:NASDAQ, arch:ALL")
+    p.add_argument(
+        "--tokenizer",
+        type=_text,
+        help="tokenizer dir or hub id, for hub id / directory bases without a published tokenizer pairing",
+    )
+    p.add_argument("--work-dir", type=_optional(Path), help="resumable state (default .state/finetune/<digest>)")
+    _add_flag(p, "--resume", "continue the interrupted fine-tune of --work-dir (same options)")
+    _add_flag(p, "--no-progress", "no progress bar on stderr")
+    p.add_argument("--max-context", type=_optional(_positive), help="context of the new version (default: the base's)")
+    if with_training:  # model_package.finetune imports torch: only when this command runs
+        from model_package.finetune import add_training_arguments
+
+        add_training_arguments(p)
+        for action in p._actions:  # MLproject passes "" for "default"
+            if action.dest in ("lr", "clip_grad", "max_steps_per_epoch") and action.type is not None:
+                action.type = _optional(action.type)
+    p.set_defaults(handler=_run_finetune)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -123,8 +184,9 @@ def _add_history(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         p.set_defaults(handler=_run_history)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree of every subcommand."""
+def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand (`with_training=False`: without finetune's
+    training options, which need torch)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", help="registered model name (default $KRONOS_REGISTERED_MODEL or kronos)")
     parser = argparse.ArgumentParser(
@@ -134,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_log, _add_evaluate, _add_promote, _add_rollback, _add_history):
+    _add_log(sub, common)
+    _add_finetune(sub, common, with_training)
+    for add in (_add_evaluate, _add_promote, _add_rollback, _add_history):
         add(sub, common)
     return parser
 
@@ -149,7 +213,9 @@ def _run_log(args: argparse.Namespace) -> int:
     if args.model_arg and args.model:
         raise CliError("give the model once: MODEL or --model", errors.USAGE)
     if args.demo and (args.model_arg or args.model or args.tokenizer):
-        raise CliError("--demo makes its own weights; drop MODEL/--model/--tokenizer", errors.USAGE)
+        raise CliError("--demo brings its own weights; drop MODEL/--model/--tokenizer", errors.USAGE)
+    if args.demo_seed is not None and not args.demo:
+        raise CliError("--demo-seed goes with --demo", errors.USAGE)
     request = LogRequest(
         args.model_arg or args.model,
         args.tokenizer,
@@ -163,6 +229,28 @@ def _run_log(args: argparse.Namespace) -> int:
         args.reason,
     )
     log_version(connect(args.name), request)
+    return errors.OK
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from model_package.finetune import settings_from_args
+
+    from .finetune import FinetuneRequest, run_finetune
+
+    windows, settings = settings_from_args(args)
+    request = FinetuneRequest(
+        base=args.base,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        stage=args.stage,
+        windows=windows,
+        settings=settings,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        max_context=args.max_context,
+    )
+    run_finetune(request, args.name)
     return errors.OK
 
 
@@ -266,7 +354,8 @@ def _quiet() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kronos-registry` and `python -m registry_scripts`; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_training="finetune" in argv).parse_args(argv)
     debug = os.environ.get("KRONOS_REGISTRY_DEBUG") == "1"
     if not debug:
         _quiet()
@@ -279,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         code, message = classify(exc)
-        print(f"kronos-registry {args.command}: error: {message}", file=sys.stderr)
+        kind = "" if code == errors.INTERRUPTED else "error: "
+        print(f"kronos-registry {args.command}: {kind}{message}", file=sys.stderr)
         return code
 
 

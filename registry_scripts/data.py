@@ -17,18 +17,12 @@ DEFAULT_SERIES = "series"
 
 def read_file(path: Path) -> pd.DataFrame:
     """Read a CSV or Parquet file (by suffix); any read failure is BadDataError."""
-    if not path.is_file():
-        raise BadDataError(f"data file not found: {path}")
-    suffix = path.suffix.lower()
+    from model_package.data import read_candles
+
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-    except Exception as exc:  # parser, encoding, arrow errors: all mean a bad file
-        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise BadDataError(f"cannot read {path}: {detail}") from None
-    raise BadDataError(f"unsupported data file {path}: use .csv or .parquet")
+        return read_candles(str(path))[0]
+    except ValueError as exc:
+        raise BadDataError(str(exc)) from None
 
 
 def validate(frame: pd.DataFrame, origin: str) -> pd.DataFrame:

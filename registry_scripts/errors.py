@@ -9,7 +9,9 @@ Scripts can rely on these codes:
     4  registry unreachable
     5  not found: unknown registered model, alias or version, no earlier champion to roll
        back to, or a checkpoint (hub id or directory) that cannot be resolved
-    6  bad data file (missing, unreadable, or not the long candle format)
+    6  bad data (a file missing, unreadable or not in the long candle format; for finetune
+       also data too short for one training window, or fewer windows than a batch)
+  130  interrupted (Ctrl-C / SIGTERM); `finetune` saved its state: rerun with --resume
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ GATE_REFUSED = 3
 UNREACHABLE = 4
 NOT_FOUND = 5
 BAD_DATA = 6
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 class CliError(Exception):
@@ -46,7 +49,7 @@ class NotFoundError(CliError):
 
 
 class BadDataError(CliError):
-    """A data file that cannot be used for a backtest."""
+    """Data that cannot be used for a backtest or a fine-tune."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, BAD_DATA)
@@ -57,3 +60,10 @@ class UnreachableError(CliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, UNREACHABLE)
+
+
+class InterruptedRunError(CliError):
+    """A fine-tune stopped by Ctrl-C / SIGTERM: state saved, run KILLED, resumable."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, INTERRUPTED)

@@ -1,37 +1,34 @@
 """Make sure the registry has a `champion` to serve (used by `make serve`).
 
 Order: keep an existing champion; otherwise log `NeoQuasar/Kronos-small` from the hub (or
-the local Hugging Face cache); when that is unreachable, log **random demo weights** of
-the same shape with a loud warning, so that the stack still comes up offline.
+the local Hugging Face cache); when that is unreachable, log the **trained demo model**
+that ships with the package (`model_package.demo`: a small Kronos trained on S&P 500 and
+NASDAQ daily candles, see model_package/demo_weights/MODEL_CARD.md), tagged
+`kronos.weights=demo-trained` and `kronos.demo=true`, so that the stack still comes up
+offline with a model whose forecasts are real forecasts.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from model_package.kronos import write_random_checkpoint
-from model_package.kronos.presets import preset_by_name
+from model_package.demo import DEMO_DIR, DEMO_MAX_CONTEXT, DEMO_SOURCE, demo_checkpoints
 from model_package.log_model import log_kronos_model
 
 logger = logging.getLogger("kronos.bootstrap")
 
 HUB_MODEL = "NeoQuasar/Kronos-small"
 EXPERIMENT = "kronos-serving"
-DEMO_WARNING = """
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!! WARNING: the Hugging Face hub is unreachable ({error}).
-!! Registering RANDOM DEMO WEIGHTS (Kronos-small shape) as {name}@champion.
-!! Its forecasts are meaningless. Register real weights with
-!!   kronos-registry log NeoQuasar/Kronos-small   (or log_kronos_model) and promote them.
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-"""
+DEMO_CARD = DEMO_DIR / "MODEL_CARD.md"
+# The model version tags of the offline fallback (and of `serving.local_server`'s demo
+# registries): how to recognise the shipped demo model in the registry.
+DEMO_TAGS = {"kronos.weights": "demo-trained", "kronos.demo": "true", "kronos.weights.source": DEMO_SOURCE}
+HUB_TAGS = {"kronos.weights": "hub", "kronos.demo": "false"}
 
 
 def champion_version(client: MlflowClient, name: str, alias: str = "champion") -> str | None:
@@ -40,6 +37,15 @@ def champion_version(client: MlflowClient, name: str, alias: str = "champion") -
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (a checkout), else
+    absolute (an installed package)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def ensure_champion(tracking_uri: str, artifact_root: Path, name: str = "kronos") -> str:
@@ -60,28 +66,30 @@ def ensure_champion(tracking_uri: str, artifact_root: Path, name: str = "kronos"
         )
     with mlflow.start_run(experiment_id=experiment_id, run_name="bootstrap-champion"):
         try:
-            info = log_kronos_model(None, HUB_MODEL, registered_model_name=name, tags={"kronos.weights": "hub"})
+            info = log_kronos_model(None, HUB_MODEL, registered_model_name=name, tags=HUB_TAGS)
+            tags = HUB_TAGS
         except Exception as exc:  # offline, hub error, no cache
-            print(
-                DEMO_WARNING.format(error=f"{type(exc).__name__}: {exc}"[:200], name=name), file=sys.stderr, flush=True
+            logger.warning(
+                "%s is not available (%s); registering the shipped demo model instead: a small Kronos "
+                "trained on S&P 500 and NASDAQ daily candles, context %d (model card: %s). For the "
+                "published model: kronos-registry log %s --promote",
+                HUB_MODEL,
+                f"{type(exc).__name__}: {exc}"[:200],
+                DEMO_MAX_CONTEXT,
+                shown_path(DEMO_CARD),
+                HUB_MODEL,
             )
-            info = _log_demo(name)
+            info = log_demo(name)
+            tags = DEMO_TAGS
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, "champion", version)
-    client.set_model_version_tag(name, version, "kronos.bootstrap", "make serve")
+    for key, value in {**tags, "kronos.bootstrap": "make serve"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    logger.info("registered %s version %s (%s) as %s@champion", name, version, tags["kronos.weights"], name)
     return version
 
 
-def _log_demo(name: str) -> mlflow.models.model.ModelInfo:
-    preset = preset_by_name(HUB_MODEL)
-    assert preset is not None
-    with tempfile.TemporaryDirectory(prefix="kronos-demo-") as tmp:
-        tokenizer = write_random_checkpoint(preset.tokenizer_config, Path(tmp) / "tokenizer", 1)
-        model = write_random_checkpoint(preset.model_config, Path(tmp) / "model", 2)
-        return log_kronos_model(
-            tokenizer,
-            model,
-            registered_model_name=name,
-            max_context=preset.max_context,
-            tags={"kronos.weights": "random-demo"},
-        )
+def log_demo(name: str) -> mlflow.models.model.ModelInfo:
+    """Log and register the shipped demo pair (in the active run) as a version of `name`."""
+    tokenizer, model = demo_checkpoints()  # FileNotFoundError naming `make demo-model`
+    return log_kronos_model(tokenizer, model, registered_model_name=name, max_context=DEMO_MAX_CONTEXT, tags=DEMO_TAGS)

@@ -1,7 +1,10 @@
 """Local servers for the project's tools and tests: free ports, child processes in their own
-process group, `mlserver start` with serving/'s settings, and registries of random weights.
+process group, `mlserver start` with serving/'s settings, and throwaway registries holding
+the shipped trained demo model (`register_demo_model`, what the tools serve by default) or
+random weights of a given shape (`register_random_model`: tests, and speed runs that need a
+published model's shape).
 
-    registry, tokenizer_dir, model_dir = register_random_model(workdir, "small")
+    registry, tokenizer_dir, model_dir = register_demo_model(workdir)
     with LocalServer.start(workdir / "server", registry.tracking_uri,
                            env={"KRONOS_QUEUE_BUDGET_MB": "512"},
                            model_settings={"max_batch_size": 8}) as server:
@@ -314,12 +317,12 @@ class LocalServer(LocalProcess):
         return False
 
 
-# -- registries of random weights ------------------------------------------------------------
+# -- model shapes ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RandomShape:
-    """The network shapes and window of a random-weight model."""
+    """The network shapes and window of a model (random weights of it, or the demo's)."""
 
     tokenizer: TokenizerConfig
     model: KronosConfig
@@ -337,6 +340,18 @@ def random_shape(name: str) -> RandomShape:
     if preset is None:
         raise ValueError(f"unknown model shape {name!r} (tiny, mini, small, base)")
     return RandomShape(preset.tokenizer_config, preset.model_config, preset.max_context)
+
+
+def demo_shape() -> RandomShape:
+    """The shapes and window of the shipped trained demo model (`model_package.demo`)."""
+    from model_package.demo import DEMO_MAX_CONTEXT, DEMO_MODEL_CONFIG, DEMO_TOKENIZER_CONFIG
+
+    return RandomShape(DEMO_TOKENIZER_CONFIG, DEMO_MODEL_CONFIG, DEMO_MAX_CONTEXT)
+
+
+def model_shape(preset: str | None) -> RandomShape:
+    """The shape `register_model(workdir, preset)` serves: the demo model's for None."""
+    return demo_shape() if preset is None else random_shape(preset)
 
 
 def shape_forecaster(shape: RandomShape, mode: str = "fast") -> KronosForecaster:
@@ -359,6 +374,9 @@ def write_random_pair(root: Path, shape: RandomShape, seed: int = 1) -> tuple[Pa
         write_random_checkpoint(shape.tokenizer, root / "tokenizer", seed),
         write_random_checkpoint(shape.model, root / "model", seed + 1),
     )
+
+
+# -- registries --------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -429,7 +447,8 @@ def register_random_model(
 ) -> tuple[LocalRegistry, Path, Path]:
     """Random weights of `shape` (see `random_shape`) logged as kronos@champion (tagged
     `kronos.weights=random-demo`) in a fresh sqlite registry under `workdir`; returns the
-    registry and the (tokenizer_dir, model_dir) checkpoints."""
+    registry and the (tokenizer_dir, model_dir) checkpoints. For tests and speed runs that
+    need a given shape; the tools' "real" model is `register_demo_model`."""
     spec = random_shape(shape)
     tokenizer_dir, model_dir = write_random_pair(workdir, spec, seed)
     registry = LocalRegistry.create(workdir, experiment)
@@ -442,3 +461,39 @@ def register_random_model(
         tags={"kronos.weights": "random-demo"},
     )
     return registry, tokenizer_dir, model_dir
+
+
+def register_demo_model(workdir: Path, experiment: str = "kronos-demo") -> tuple[LocalRegistry, Path, Path]:
+    """The shipped trained demo pair (`model_package.demo`, context DEMO_MAX_CONTEXT) logged
+    as kronos@champion, with the version tags of `make serve`'s offline fallback
+    (`kronos.weights=demo-trained`, `kronos.demo=true`), in a fresh sqlite registry under
+    `workdir`; returns the registry and the shipped (tokenizer_dir, model_dir)."""
+    from model_package.demo import DEMO_MAX_CONTEXT, demo_checkpoints
+    from serving.bootstrap import DEMO_TAGS
+
+    tokenizer_dir, model_dir = demo_checkpoints()
+    registry = LocalRegistry.create(workdir, experiment)
+    info = registry.log_version(
+        tokenizer_dir, model_dir, DEMO_MAX_CONTEXT, champion=True, example_rows=16, tags=DEMO_TAGS
+    )
+    client, version = registry.client(), str(info.registered_model_version)
+    for key, value in DEMO_TAGS.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, value)
+    return registry, tokenizer_dir, model_dir
+
+
+def register_model(
+    workdir: Path, preset: str | None = None, experiment: str = "kronos-demo"
+) -> tuple[LocalRegistry, Path, Path]:
+    """`register_demo_model` for `preset=None` (the default of the load tests), else
+    `register_random_model` of that shape (RANDOM weights: speed runs only)."""
+    if preset is None:
+        return register_demo_model(workdir, experiment)
+    return register_random_model(workdir, preset, experiment=experiment)
+
+
+def describe_weights(preset: str | None) -> str:
+    """What `register_model(workdir, preset)` serves, in words for a tool's output."""
+    if preset is None:
+        return "the shipped trained demo model (model_package/demo_weights)"
+    return f"RANDOM weights of the {preset} shape (--preset {preset}: speed only, forecasts meaningless)"

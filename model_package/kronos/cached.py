@@ -22,7 +22,16 @@ from .decoding import PackedKronos, RowLayout, SharedPrefixKV, packed_weights, s
 from .layers import KVCache
 from .model import Kronos
 from .sampling import draw_table, sample_tokens
-from .series import GenerationStats, Rows, SeriesInput, SeriesOutput, StepHook, decode_window, validate_series
+from .series import (
+    GenerationStats,
+    Rows,
+    SeriesInput,
+    SeriesOutput,
+    StepHook,
+    decode_window,
+    require_eval,
+    validate_series,
+)
 from .tokenizer import KronosTokenizer
 
 
@@ -258,6 +267,7 @@ class Generation:
         rolling: bool,
         on_step: StepHook | None = None,
     ) -> None:
+        require_eval(tokenizer, model)
         validate_series(series, tokenizer.config.d_in)
         self.tokenizer, self.model, self.series = tokenizer, model, list(series)
         self.W, self.rolling = max_context, rolling

@@ -1,8 +1,8 @@
 """Constructor arguments of the two Kronos networks, exactly as stored in `config.json`.
 
 The field names and the set of keys match the published checkpoints, so a config round-trips
-through `config.json` unchanged. Dropout probabilities are kept for that round trip only: this
-implementation is inference-only and never applies dropout.
+through `config.json` unchanged. Dropout probabilities act only while a network is trained;
+inference always runs in eval mode.
 """
 
 from __future__ import annotations

@@ -34,7 +34,16 @@ import torch
 from .cached import Generation, step_together
 from .model import Kronos
 from .sampling import sample_tokens, uniforms
-from .series import GenerationStats, Rows, SeriesInput, SeriesOutput, StepHook, decode_window, validate_series
+from .series import (
+    GenerationStats,
+    Rows,
+    SeriesInput,
+    SeriesOutput,
+    StepHook,
+    decode_window,
+    require_eval,
+    validate_series,
+)
 from .tokenizer import KronosTokenizer
 
 GENERATION_MODES: tuple[str, ...] = ("fast", "reference", "rolling")
@@ -56,6 +65,7 @@ def generate(
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
+    require_eval(tokenizer, model)
     validate_series(series, tokenizer.config.d_in)
     if mode == "reference":
         return _generate_reference(tokenizer, model, series, max_context)

@@ -1,7 +1,8 @@
 """Building blocks shared by the tokenizer and the predictor.
 
 Shapes: B batch rows, T query positions, Tk key positions, H heads, hd head size, d model size.
-Inference-only: there is no dropout anywhere (Kronos is always run in eval mode).
+Dropout (the checkpoint config's probabilities) only acts in training mode; in eval mode the
+code path is exactly the inference one, with no dropout call at all.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that is not even dispatched in eval mode or with p = 0."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions; biased q/k/v/out projections."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.0) -> None:
         super().__init__()
+        self.attn_dropout_p = attn_dropout_p
+        self.resid_dropout_p = resid_dropout_p
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.q_proj = nn.Linear(d_model, d_model)
@@ -131,34 +139,48 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # [B, H, Tk, hd]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout_p if self.training else 0.0,
+            is_causal=causal and attn_mask is None,
         )  # [B, H, T, hd]
         y = y.transpose(1, 2).contiguous().view(B, T, d)
-        return self.out_proj(y)
+        return dropout(self.out_proj(y), self.resid_dropout_p, self.training)
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
 
-    def __init__(self, d_model: int, ff_dim: int) -> None:
+    def __init__(self, d_model: int, ff_dim: int, ffn_dropout_p: float = 0.0) -> None:
         super().__init__()
+        self.ffn_dropout_p = ffn_dropout_p
         self.w1 = nn.Linear(d_model, ff_dim, bias=False)
         self.w3 = nn.Linear(d_model, ff_dim, bias=False)
         self.w2 = nn.Linear(ff_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.ffn_dropout_p, self.training)
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1 x), then x + ffn(norm2 x)."""
 
-    def __init__(self, d_model: int, n_heads: int, ff_dim: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        ff_dim: int,
+        ffn_dropout_p: float = 0.0,
+        attn_dropout_p: float = 0.0,
+        resid_dropout_p: float = 0.0,
+    ) -> None:
         super().__init__()
         self.norm1 = RMSNorm(d_model)
-        self.self_attn = SelfAttention(d_model, n_heads)
+        self.self_attn = SelfAttention(d_model, n_heads, attn_dropout_p, resid_dropout_p)
         self.norm2 = RMSNorm(d_model)
-        self.ffn = FeedForward(d_model, ff_dim)
+        self.ffn = FeedForward(d_model, ff_dim, ffn_dropout_p)
 
     def forward(
         self,

@@ -6,6 +6,11 @@ Heads:  s1_logits = proj_s1(h)
 The s2 head (DependencyAwareLayer) is evaluated as upstream does in eval mode: a single
 query (the sampled s1's raw embedding), 4 heads, no rotation, attending to every position
 of the window. Shapes: B rows, T positions, d model size, V1/V2 vocabulary sizes.
+
+Training (`forward_train`) is upstream's full-sequence forward: every position's s2 logits,
+the s2 head's queries being the s1 ids of the same positions (the true next ids under teacher
+forcing, else ids sampled from the s1 logits), rotated by the query positions, attending
+causally in training mode and to every position in eval mode (upstream's behaviour).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DEPENDENCY_HEADS, KronosConfig
-from .layers import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from .layers import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock, apply_rotary, dropout
 
 CALENDAR_FIELDS = ("minute", "hour", "weekday", "day", "month")
 CALENDAR_SIZES = (60, 24, 7, 32, 13)
@@ -119,6 +124,23 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, H, Tq, hd]
         return self.out_proj(y.transpose(1, 2).contiguous().view(B, Tq, d))
 
+    def forward_sequence(self, query: torch.Tensor, h: torch.Tensor, causal: bool | None = None) -> torch.Tensor:
+        """Training form: query [B, T, d] over h [B, T, d] -> [B, T, d].
+
+        q and k are both rotated by positions 0..T-1 (upstream rotates by the query length).
+        `causal` None is upstream's rule: causal in training mode, full attention in eval
+        mode (where position t sees the hidden state of t + 1, built from its target).
+        """
+        causal = self.training if causal is None else causal
+        B, T, d = query.shape
+        q = self.q_proj(query).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, 4, T, hd]
+        k, v = self.keys_values(h)
+        cos, sin = self.rotary.cos_sin(torch.arange(T, device=query.device))
+        y = F.scaled_dot_product_attention(
+            apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, is_causal=causal
+        )  # [B, 4, T, hd]
+        return self.out_proj(y.transpose(1, 2).contiguous().view(B, T, d))
+
 
 class DependencyAwareLayer(nn.Module):
     """s2 conditioning on the chosen s1: post-norm(h + cross_attn(emb_s1(s1*) -> h))."""
@@ -139,7 +161,7 @@ class DualHead(nn.Module):
 
 
 class Kronos(nn.Module):
-    """The autoregressive predictor. Inference only; always in eval mode."""
+    """The autoregressive predictor. Built in eval mode; `train()` only for fine-tuning."""
 
     def __init__(self, config: KronosConfig) -> None:
         super().__init__()
@@ -147,15 +169,14 @@ class Kronos(nn.Module):
         c = config
         self.embedding = HierarchicalEmbedding(c.s1_bits, c.s2_bits, c.d_model)
         self.time_emb = TemporalEmbedding(c.d_model, c.learn_te)
-        self.transformer = nn.ModuleList(TransformerBlock(c.d_model, c.n_heads, c.ff_dim) for _ in range(c.n_layers))
+        self.transformer = nn.ModuleList(
+            TransformerBlock(c.d_model, c.n_heads, c.ff_dim, c.ffn_dropout_p, c.attn_dropout_p, c.resid_dropout_p)
+            for _ in range(c.n_layers)
+        )
         self.norm = RMSNorm(c.d_model)
         self.dep_layer = DependencyAwareLayer(c.d_model)
         self.head = DualHead(c.s1_bits, c.s2_bits, c.d_model)
         self.eval()
-
-    def train(self, mode: bool = True) -> Kronos:
-        """Kronos is only ever run in eval mode here; training mode is refused silently."""
-        return super().train(False)
 
     @property
     def rotary(self) -> RotaryEmbedding:
@@ -217,3 +238,32 @@ class Kronos(nn.Module):
         k, v = self.dependency_keys_values(h)
         attended = self.dep_layer.cross_attn.attend(query, k, v)  # [B, 1, d]
         return self.head.proj_s2(self.dep_layer.norm(h + attended))  # [B, T, V2]
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward_train(
+        self,
+        s1: torch.Tensor,
+        s2: torch.Tensor,
+        stamp: torch.Tensor,
+        s1_next: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        causal_s2: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s1, s2) [B, T], stamp [B, T, 5] -> (s1 logits [B, T, V1], s2 logits [B, T, V2]).
+
+        The s2 head is conditioned on `s1_next` [B, T] (teacher forcing: the true next s1 ids)
+        or, when it is None, on s1 ids drawn from softmax(s1 logits) (`generator` or the
+        global RNG), as upstream's fine-tuning scripts do. `causal_s2`: see
+        `CrossAttention.forward_sequence` (None: upstream's mode-dependent rule).
+        """
+        T = s1.shape[1]
+        x = dropout(self.embed(s1, s2, stamp), self.config.token_dropout_p, self.training)  # [B, T, d]
+        h = self.trunk(x, torch.arange(T, device=s1.device))  # [B, T, d]
+        s1_logits = self.s1_logits(h)  # [B, T, V1]
+        if s1_next is None:
+            probs = F.softmax(s1_logits.detach(), dim=-1).reshape(-1, s1_logits.shape[-1])  # [B*T, V1]
+            s1_next = torch.multinomial(probs, 1, generator=generator).view(s1.shape)
+        sibling = self.embedding.emb_s1(s1_next)  # [B, T, d], raw rows
+        attended = self.dep_layer.cross_attn.forward_sequence(sibling, h, causal_s2)  # [B, T, d]
+        return s1_logits, self.head.proj_s2(self.dep_layer.norm(h + attended))

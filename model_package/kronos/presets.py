@@ -100,6 +100,20 @@ TINY_MODEL_CONFIG = KronosConfig(
 )  # fmt: skip
 
 
+# The demo pair that `make demo-model` trains from scratch on the daily S&P 500 and NASDAQ
+# candles shipped by `arch` (model_package/demo_weights, about 4 MB of safetensors).
+DEMO_TOKENIZER_CONFIG = TokenizerConfig(
+    d_in=6, d_model=64, n_heads=4, ff_dim=128, n_enc_layers=3, n_dec_layers=3, ffn_dropout_p=0.0,
+    attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=8, s2_bits=8, beta=0.05, gamma0=1.0, gamma=1.1,
+    zeta=0.05, group_size=4,
+)  # fmt: skip
+DEMO_MODEL_CONFIG = KronosConfig(
+    s1_bits=8, s2_bits=8, n_layers=4, d_model=128, n_heads=4, ff_dim=256, ffn_dropout_p=0.1,
+    attn_dropout_p=0.0, resid_dropout_p=0.1, token_dropout_p=0.0, learn_te=True,
+)  # fmt: skip
+DEMO_MAX_CONTEXT = 256
+
+
 def preset_by_name(name: str) -> Preset | None:
     """The preset for a hub id (`NeoQuasar/Kronos-small`) or a short name (`small`, `kronos-small`)."""
     if name in PRESETS:

@@ -52,6 +52,12 @@ class GenerationStats:
     rows: int = 0  # sample-path rows generated
 
 
+def require_eval(tokenizer: KronosTokenizer, model: torch.nn.Module) -> None:
+    """Generation is defined in eval mode only (no dropout, full-window s2 attention)."""
+    if tokenizer.training or model.training:
+        raise ValueError("generation needs both networks in eval mode (call .eval() after training)")
+
+
 # Called after each step with the step index; returns indices of series to abandon.
 StepHook = Callable[[int], Iterable[int]]
 

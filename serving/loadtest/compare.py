@@ -1,10 +1,12 @@
 """Throughput and latency with batching on vs off (`python -m serving.loadtest.compare`).
 
-Registers demo weights once in a temporary registry, then for each `max_batch_size`
-(default 64 = the shipped setting, and 1 = batching off: one series in generation at a time)
-starts MLServer on free ports, runs the locustfile headless with the same users, pauses
-and payload seed, and prints one table: requests, failures, req/s, latency percentiles of
-accepted requests (REST and gRPC together), 503s and peak RSS of the server.
+Registers the shipped trained demo model (`model_package.demo`; `--preset SHAPE`: random
+weights of a published shape instead, said in the output) once in a temporary registry,
+then for each `max_batch_size` (default 64 = the shipped setting, and 1 = batching off: one
+series in generation at a time) starts MLServer on free ports, runs the locustfile headless
+with the same users, pauses and payload seed, and prints one table: requests, failures,
+req/s, latency percentiles of accepted requests (REST and gRPC together), 503s and peak RSS
+of the server.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 from serving.loadtest.soak import MB, Row, RssSampler, accepted, overloaded, run_locust
-from serving.local_server import ROOT, LocalServer, register_random_model
+from serving.local_server import ROOT, LocalServer, describe_weights, random_shape, register_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,10 +31,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--wait", default="0.1,0.5", help="min,max pause between requests (s)")
     parser.add_argument("--max-candles", type=int, default=256)
-    parser.add_argument("--preset", default="small", help="demo weights shape: mini, small, base")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="serve RANDOM weights of this shape (tiny, mini, small, base) instead of the shipped "
+        "trained demo model (the default)",
+    )
     parser.add_argument("--torch-threads", type=int, default=1, help="KRONOS_TORCH_THREADS")
     parser.add_argument("--report-dir", type=Path, default=ROOT / "loadtest-reports" / "compare")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.preset is not None:
+        try:
+            random_shape(args.preset)
+        except ValueError as error:
+            parser.error(str(error))
+    return args
 
 
 def weighted(rows: list[Row], attr: str) -> float:
@@ -50,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak RSS MiB':>12}"
     ]
     try:
-        registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
+        print(f"compare: registering {describe_weights(args.preset)}", flush=True)
+        registry, _, _ = register_model(workdir, args.preset, experiment="kronos-loadtest")
         for size in (int(v) for v in args.batch_sizes.split(",")):
             with (
                 LocalServer.start(
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
         print(
             f"{args.users} users, {args.seconds} s each, pauses {args.wait} s, "
-            f"{args.preset} demo weights, {args.torch_threads} torch thread(s); req/s = "
+            f"{describe_weights(args.preset)}, {args.torch_threads} torch thread(s); req/s = "
             "answered requests / wall time of the run (incl. the drain of in-flight ones)"
         )
         print("\n".join(lines))

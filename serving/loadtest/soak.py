@@ -1,12 +1,13 @@
 """Bounded soak of a local Kronos stack (`make soak` = `python -m serving.loadtest.soak`).
 
-1. Registers random demo weights (Kronos-small shape by default) in a temporary sqlite
+1. Registers the shipped trained demo model (`model_package.demo`; `--preset SHAPE`:
+   random weights of a published shape instead, said in the output) in a temporary sqlite
    registry and starts `mlserver start` on free 127.0.0.1 ports (`serving.local_server`)
    with a small queue budget (`KRONOS_QUEUE_BUDGET_MB`) and batch (`max_batch_size`:
    series in generation at once), so that overload is reachable. The load's costliest
    request (`--max-series` series of `--max-candles` candles at the payload mix's longest
    horizon and most sample paths, priced by `model_package.budget.request_cost` for the
-   demo model's shape) is the per-request budget (`KRONOS_MAX_REQUEST_MEMORY_MB`), so no
+   served model's shape) is the per-request budget (`KRONOS_MAX_REQUEST_MEMORY_MB`), so no
    request of the load is refused as too large.
 2. Phase "below": so few users that even all their requests at their costliest fit the
    queue budget (the default budget is exactly that) -> no failed request at all.
@@ -45,8 +46,9 @@ from serving.local_server import (
     ROOT,
     SERVING,
     LocalServer,
-    random_shape,
-    register_random_model,
+    describe_weights,
+    model_shape,
+    register_model,
     shape_forecaster,
     venv_script,
 )
@@ -82,16 +84,17 @@ class LoadCost:
 
 
 @lru_cache(maxsize=4)
-def load_cost(preset: str, max_series: int, max_candles: int) -> LoadCost:
+def load_cost(preset: str | None, max_series: int, max_candles: int) -> LoadCost:
     """The costliest request the locustfile can send with these options, priced for the
-    demo model of `preset` (mode "fast", the soaked server's)."""
+    model `register_model` serves for `preset` (None: the shipped demo model; mode "fast",
+    the soaked server's)."""
     from model_package.budget import request_cost
     from serving.loadtest.payloads import PayloadMix
 
     # the locustfile's mix (see `payload_pool`): windows of min_candles..max_candles
     mix = PayloadMix(max_candles=max(PayloadMix.min_candles + 1, max_candles), max_series=max_series)
     pred_len, paths = max(mix.horizons), max(mix.sample_counts)
-    forecaster = shape_forecaster(random_shape(preset))
+    forecaster = shape_forecaster(model_shape(preset))
     cost = request_cost(forecaster, [mix.max_candles] * mix.max_series, pred_len, paths)
     return LoadCost(cost.memory_bytes, mix.max_series, mix.max_candles, pred_len, paths)
 
@@ -358,7 +361,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--above-users", type=int, default=12, help="users of phase 'above'")
     parser.add_argument("--max-series", type=int, default=3, help="most series per request")
     parser.add_argument("--max-candles", type=int, default=256, help="longest history (candles)")
-    parser.add_argument("--preset", default="small", help="demo weights shape: tiny, mini, small, base")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="serve RANDOM weights of this shape (tiny, mini, small, base) instead of the shipped "
+        "trained demo model (the default)",
+    )
     parser.add_argument(
         "--max-batch-size",
         type=int,
@@ -432,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="kronos-soak-"))
     stack: LocalServer | None = None
     try:
-        print(f"soak: registering {args.preset} demo weights under {workdir}", flush=True)
-        registry, _, _ = register_random_model(workdir, args.preset, experiment="kronos-loadtest")
+        print(f"soak: registering {describe_weights(args.preset)} under {workdir}", flush=True)
+        registry, _, _ = register_model(workdir, args.preset, experiment="kronos-loadtest")
         settings = {"max_batch_size": args.max_batch_size} if args.max_batch_size else None
         started = time.monotonic()
         stack = LocalServer.start(workdir / "server", registry.tracking_uri, server_env(args, cost), settings)
@@ -475,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not final_forecast(stack):
             problems.append("a forecast after the soak failed")
         print(summary(phases, sampler))
+        print(f"model: {describe_weights(args.preset)}")
         print(
             f"RSS after phase below {rss_after_below / MB:.0f} MiB, at the end "
             f"{rss_end / MB:.0f} MiB (bound +{args.max_rss_growth_mb:.0f} MiB); "

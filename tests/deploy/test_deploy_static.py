@@ -6,10 +6,12 @@ Every checker also runs on a deliberately broken copy, proving that it catches b
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,56 @@ def test_copy_checker_catches_missing_and_dockerignored_sources(tmp_path: Path) 
     ]
 
 
+def test_image_checks_that_the_demo_model_is_installed_and_readable() -> None:
+    """The compose `register` job logs the demo model by default: the image build fails
+    without it, checked as the server's user on the installed package (not /src)."""
+    runtime = DOCKERFILE.read_text().rsplit("FROM ", 1)[1]
+    after_user = runtime.split("USER 10001:10001", 1)[1]
+    checks = [a for k, a in dockerfile_instructions(DOCKERFILE) if k == "RUN" and "demo_checkpoints" in a]
+    assert len(checks) == 1 and "demo_checkpoints" in after_user
+    assert checks[0].startswith("python -I -c ") and "model.safetensors" in checks[0]
+
+
+def test_the_images_install_carries_the_demo_weights(tmp_path: Path) -> None:
+    """Build the wheel the builder stage installs (`pip install /src[serving]`) from the
+    files its COPY instructions take: the demo checkpoints are package data in it."""
+    from model_package.demo import DEMO_DIR, demo_checkpoints
+
+    context = tmp_path / "src"
+    for source in dict.fromkeys(dockerfile_copy_sources(DOCKERFILE)):  # builder's, runtime's
+        if source.startswith("serving/gateway/"):
+            continue  # the gateway stage's files (inside serving/, copied with it)
+        target = context / source
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(ROOT / source, target)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", str(context)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("kronos_serving-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    package_root = DEMO_DIR.parent.parent
+    checkpoints = {
+        str((directory / name).relative_to(package_root))
+        for directory in demo_checkpoints()
+        for name in ("config.json", "model.safetensors")
+    }
+    shipped = {
+        str(path.relative_to(package_root))
+        for path in DEMO_DIR.rglob("*")
+        if path.suffix in {".json", ".md", ".safetensors"}
+    }
+    assert checkpoints <= shipped <= names, sorted(shipped - names)
+
+
 def test_dockerignore_rules() -> None:
     patterns = [".venv", "**/__pycache__", "tests", "!tests/keep.py"]
     assert is_dockerignored(".venv/bin/python", patterns)
@@ -241,8 +293,7 @@ def test_mlflow_and_register_commands() -> None:
     env = mlflow["environment"]
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
-    register = services["register"]["command"]
-    assert register[:4] == ["kronos-registry", "log", "--if-no-champion", "--promote"]
+    assert services["register"]["command"][:2] == ["sh", "-c"]  # see test_register_job_*
     assert services["kronos"]["environment"]["KRONOS_MODEL_URI"] == "models:/kronos@champion"
     gateway_env = services["gateway"]["environment"]
     assert gateway_env["KRONOS_GATEWAY_UPSTREAM_HTTP"] == "kronos:8080"
@@ -250,6 +301,109 @@ def test_mlflow_and_register_commands() -> None:
         gateway_env["KRONOS_GATEWAY_SERVER_DEADLINE_S"]
         == services["kronos"]["environment"]["KRONOS_DEFAULT_DEADLINE_S"]
     )
+
+
+def _register_job() -> tuple[str, dict[str, str]]:
+    """The resolved `register` job's shell script (`$$` unescaped) and environment."""
+    register = _resolved(COMPOSE)["services"]["register"]
+    command = register["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3
+    return command[2].replace("$$", "$"), {k: str(v) for k, v in register["environment"].items()}
+
+
+def test_register_job_defaults_to_the_shipped_demo_model() -> None:
+    """No model configured (.env.example's default): `kronos-registry log --demo`, only when
+    there is no champion; a hub model only when KRONOS_DEFAULT_MODEL names one."""
+    script, environment = _register_job()
+    assert environment["KRONOS_DEFAULT_MODEL"] == "" and environment["KRONOS_DEFAULT_TOKENIZER"] == ""
+    lines = [line.strip() for line in script.strip().splitlines()]
+    assert shlex.split(lines[-1]) == ["exec", "kronos-registry", "log", "--demo", "--if-no-champion", "--promote"]
+    assert lines[0] == 'if [ -n "${KRONOS_DEFAULT_MODEL}" ]; then'
+    hub = shlex.split(lines[1])
+    assert hub[:4] == ["kronos-registry", "log", "--if-no-champion", "--promote"]
+    assert hub[4:6] == ["--model", "${KRONOS_DEFAULT_MODEL}"]
+
+
+def _run_register_script(
+    tmp_path: Path, registry_exit: int, **environment: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the job's script with `sh` and a stand-in `kronos-registry` on PATH that records
+    its arguments and exits with `registry_exit` unless it logs the demo model."""
+    script, compose_environment = _register_job()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / "kronos-registry"
+    stand_in.write_text(
+        '#!/bin/sh\necho "$*" >> "$CALLS"\ncase " $* " in *" --demo "*) exit 0;; esac\nexit "$REGISTRY_EXIT"\n'
+    )
+    stand_in.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        **compose_environment,
+        **environment,
+        "CALLS": str(calls),
+        "REGISTRY_EXIT": str(registry_exit),
+    }
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False)
+    return done, calls.read_text().splitlines() if calls.exists() else []
+
+
+DEMO_CALL = "log --demo --if-no-champion --promote"
+HUB_CALL = "log --if-no-champion --promote --model NeoQuasar/Kronos-small"
+
+
+def test_register_job_uses_a_configured_hub_model_and_falls_back_to_the_demo(tmp_path: Path) -> None:
+    done, calls = _run_register_script(tmp_path, 0)
+    assert (done.returncode, calls) == (0, [DEMO_CALL])
+    done, calls = _run_register_script(tmp_path, 0, KRONOS_DEFAULT_MODEL="NeoQuasar/Kronos-small")
+    assert (done.returncode, calls) == (0, [HUB_CALL])
+    tokenizer = {"KRONOS_DEFAULT_TOKENIZER": "NeoQuasar/Kronos-Tokenizer-base"}
+    done, calls = _run_register_script(tmp_path, 0, KRONOS_DEFAULT_MODEL="NeoQuasar/Kronos-small", **tokenizer)
+    assert (done.returncode, calls) == (0, [f"{HUB_CALL} --tokenizer NeoQuasar/Kronos-Tokenizer-base"])
+    # exit 5: the checkpoint cannot be resolved (hub unreachable, not cached) -> the demo model
+    done, calls = _run_register_script(tmp_path, 5, KRONOS_DEFAULT_MODEL="NeoQuasar/Kronos-small")
+    assert (done.returncode, calls) == (0, [HUB_CALL, DEMO_CALL])
+    assert "registering the shipped demo model instead" in done.stderr
+    # any other failure (4: registry unreachable) fails the job: no demo model behind its back
+    done, calls = _run_register_script(tmp_path, 4, KRONOS_DEFAULT_MODEL="NeoQuasar/Kronos-small")
+    assert (done.returncode, calls) == (4, [HUB_CALL])
+
+
+@pytest.mark.integration
+def test_register_job_offline_registers_the_demo_model_with_the_real_cli(tmp_path: Path) -> None:
+    """The job's script with the real `kronos-registry`, a hub model configured, the hub
+    off and an empty cache: the CLI exits 5 and the job registers the shipped demo pair."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from model_package.demo import demo_checkpoints
+
+    script, compose_environment = _register_job()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HF_", "KRONOS_"))}
+    env.update(compose_environment)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        MLFLOW_TRACKING_URI=uri,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        KRONOS_DEFAULT_MODEL="NeoQuasar/Kronos-small",
+    )
+    done = subprocess.run(
+        ["sh", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "registering the shipped demo model instead" in done.stderr
+    assert "RANDOM" not in done.stderr
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion = client.get_model_version_by_alias("kronos", "champion")
+    assert champion.tags["kronos.demo"] == "true"
+    shipped = hashlib.sha256((demo_checkpoints()[1] / "model.safetensors").read_bytes()).hexdigest()
+    assert champion.tags["kronos.weights.sha256"] == shipped
+    assert len(client.search_model_versions("name='kronos'")) == 1  # the failed hub log registered nothing
 
 
 def test_dev_override_mounts_sources_for_hot_reload() -> None:

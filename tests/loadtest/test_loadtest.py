@@ -22,6 +22,7 @@ from mlserver.types import InferenceRequest
 
 from model_package.data import load_index
 from model_package.pyfunc import sampling_params
+from serving.loadtest import compare
 from serving.loadtest.payloads import (
     INDEXES,
     PayloadMix,
@@ -39,6 +40,7 @@ from serving.loadtest.soak import (
     parse_args,
     read_stats,
 )
+from serving.local_server import demo_shape, describe_weights, model_shape, random_shape, shape_forecaster
 from serving.v2 import request_frame, request_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,8 +137,42 @@ def test_soak_rules() -> None:
     assert any("RSS grew" in p for p in check({"below": below, "above": above}, 0, 200 * MB, args))
 
 
+def test_soak_and_compare_serve_the_trained_demo_model_by_default() -> None:
+    """`--preset` unset: `register_model(workdir, None)` = the shipped demo pair (checked
+    byte for byte in tests/serving/test_demo_model.py), priced with the demo's shape."""
+    from model_package.demo import DEMO_MAX_CONTEXT, DEMO_MODEL_CONFIG, DEMO_TOKENIZER_CONFIG
+
+    assert parse_args([]).preset is None
+    assert compare.parse_args([]).preset is None
+    assert model_shape(None) == demo_shape()
+    assert (demo_shape().tokenizer, demo_shape().model, demo_shape().max_context) == (
+        DEMO_TOKENIZER_CONFIG,
+        DEMO_MODEL_CONFIG,
+        DEMO_MAX_CONTEXT,
+    )
+    assert "trained demo model" in describe_weights(None)
+    # random weights only when a published shape is asked for, and then said so
+    assert parse_args(["--preset", "small"]).preset == compare.parse_args(["--preset", "small"]).preset == "small"
+    assert model_shape("small") == random_shape("small")
+    assert "RANDOM" in describe_weights("small")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--preset", "huge"])
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "huge"])
+
+
+def test_soak_prices_the_load_with_the_served_model() -> None:
+    from model_package.budget import request_cost
+
+    demo, small = load_cost(None, 3, 256), load_cost("small", 3, 256)
+    expected = request_cost(shape_forecaster(demo_shape()), [256] * 3, demo.pred_len, demo.sample_count)
+    assert demo.worst_bytes == expected.memory_bytes
+    assert demo.worst_bytes < small.worst_bytes  # the demo model is much smaller than Kronos-small
+    assert parse_args(["--preset", "small"]).queue_budget_mb == 2 * small.request_mb
+
+
 def test_soak_queue_budget_is_sized_from_the_load_cost() -> None:
-    cost = load_cost("small", 3, 256)  # the defaults' costliest request
+    cost = load_cost(None, 3, 256)  # the defaults' costliest request (the demo model)
     assert (cost.series, cost.candles, cost.pred_len, cost.sample_count) == (3, 256, 30, 4)
     assert parse_args([]).queue_budget_mb == 2 * cost.request_mb  # 2 users below
     worst_mb = cost.worst_bytes / MB

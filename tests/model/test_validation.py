@@ -387,3 +387,18 @@ def test_predict_defaults_are_the_sampling_params_defaults():
                 assert parameter.default == defaults[name], (method.__name__, name)
     assert inspect.signature(KronosForecaster.predict).parameters["quantiles"].default is None
     assert defaults["quantiles"] == ()
+
+
+def test_repair_candles_moves_only_broken_values():
+    from model_package.frames import repair_candles
+
+    bars = np.array(
+        [
+            [10.0, 12.0, 9.0, 11.0, 5.0, 50.0],  # well-formed: unchanged
+            [10.0, 9.5, 9.8, 11.0, -1.0, -3.0],  # high below both, low above open, negatives
+        ]
+    )
+    fixed = repair_candles(bars)
+    assert np.array_equal(fixed[0], bars[0])
+    assert fixed[1].tolist() == [10.0, 11.0, 9.8, 11.0, 0.0, 0.0]
+    assert bars[1, 1] == 9.5  # the input is not modified

@@ -72,6 +72,8 @@ def test_transport_types_are_coerced():
     assert sampling_params({"top_k": "2147483647"}).top_k == 2**31 - 1
     for value, expected in ((False, False), ("false", False), ("TRUE", True), ("0", False), (1, True)):
         assert sampling_params({"strict_candles": value}).strict_candles is expected
+        assert sampling_params({"repair_candles": value}).repair_candles is expected
+    assert sampling_params({}).repair_candles is False
 
 
 @pytest.mark.parametrize(
@@ -108,6 +110,7 @@ def test_transport_types_are_coerced():
         ({"freq": 5}, "freq", "must be a string"),
         ({"strict_candles": "maybe"}, "strict_candles", "must be true or false"),
         ({"strict_candles": 2}, "strict_candles", "must be true or false"),
+        ({"repair_candles": "yes please"}, "repair_candles", "must be true or false"),
         ({"top_p": "1.5"}, "top_p", "must be in (0, 1]"),
         ({"quantiles": "0.1,x"}, "quantiles", "must be a number"),
         ({"quantiles": [1.5]}, "quantiles", "must be in (0, 1)"),
@@ -220,3 +223,20 @@ def test_pyfunc_strict_candles_opt_out(forecaster, history):
         model.predict(None, spread, {"pred_len": 2, "top_k": 1})
     out = model.predict(None, spread, {"pred_len": 2, "top_k": 1, "strict_candles": False})
     assert np.isfinite(out[["open", "high", "low", "close"]].to_numpy()).all() and len(out) == 4
+
+
+def test_pyfunc_repair_candles_gives_well_formed_bars(forecaster, history):
+    """The optional post-processing: every sampled path is repaired before the mean and the
+    quantiles, so all of them are well-formed bars; without it the raw forecast is returned."""
+    model = KronosPyfuncModel()
+    model.forecaster, model.settings = forecaster, ModelSettings()
+    params = {"pred_len": 6, "sample_count": 4, "seed": 3, "quantiles": [0.1, 0.9]}
+    raw = model.predict(None, history, params)
+    repaired = model.predict(None, history, {**params, "repair_candles": True})
+    for suffix in ("", "_q0.1", "_q0.9"):
+        o, h, lo, c = (repaired[f"{name}{suffix}"] for name in ("open", "high", "low", "close"))
+        assert (h >= np.maximum(o, c)).all() and (lo <= np.minimum(o, c)).all()
+        assert (repaired[f"volume{suffix}"] >= 0).all() and (repaired[f"amount{suffix}"] >= 0).all()
+    # open and close are never moved; high, low, volume only ever move outwards
+    assert np.allclose(raw[["open", "close"]], repaired[["open", "close"]])
+    assert (repaired["high"] >= raw["high"] - 1e-9).all() and (repaired["low"] <= raw["low"] + 1e-9).all()

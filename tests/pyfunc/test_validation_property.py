@@ -95,6 +95,7 @@ GOOD_VALUE = {
     "quantiles": st.lists(st.floats(0.01, 0.99), max_size=4, unique=True),
     "freq": st.sampled_from([None, "B", "D", "5min", "h", "W-MON", "2262D"]),
     "strict_candles": st.booleans(),
+    "repair_candles": st.booleans(),
 }
 
 
