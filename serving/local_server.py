@@ -232,7 +232,8 @@ def mlserver_env(tracking_uri: str, env: Mapping[str, str] | None = None) -> dic
     """This process's environment without `KRONOS_*`, `MLSERVER*` and `PYTHON*` variables,
     plus the registry, the CPU, this checkout on PYTHONPATH and `env` (wins)."""
     child = {k: v for k, v in os.environ.items() if not k.startswith(("KRONOS_", "MLSERVER", "PYTHON"))}
-    child.update({"MLFLOW_TRACKING_URI": tracking_uri, "KRONOS_DEVICE": "cpu", "PYTHONPATH": str(ROOT), **(env or {})})
+    child.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri})
+    child.update({"KRONOS_DEVICE": "cpu", "PYTHONPATH": str(ROOT), **(env or {})})
     return child
 
 
@@ -381,15 +382,25 @@ def write_random_pair(root: Path, shape: RandomShape, seed: int = 1) -> tuple[Pa
 
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow (and MLFLOW_TRACKING_URI, which children inherit) at `uri`, then restore."""
+    """Point MLflow's tracking and registry URIs (and MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI,
+    which children inherit) at `uri`, then restore all four. A registry URI left behind by
+    earlier code (`mlflow.set_registry_uri` also sets the variable) would otherwise send
+    registrations to another store."""
     import mlflow
 
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None: unset (mlflow allows it)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]  # None: unset
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]  # None: unset
 
 
 @dataclass(frozen=True)

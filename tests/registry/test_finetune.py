@@ -35,6 +35,7 @@ from registry_scripts.finetune import (
     loss_curve,
     parse_models_uri,
 )
+from serving.local_server import tracking_uri
 
 MODEL = "kronos"
 # 160 daily candles, windows of 24 + 4: 101 training and 5 validation windows.
@@ -156,14 +157,8 @@ def test_finetune_registered_base_into_a_challenger_with_lineage(
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(registry_uri)
-    mlflow.set_registry_uri(registry_uri)
-    try:
+    with tracking_uri(registry_uri):
         pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/2")
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     forecast = pyfunc.predict(random_walk_candles(40, 1, freq="D"), params={"pred_len": 3, "seed": 0})
     assert len(forecast) == 3
     assert forecast[["open", "high", "low", "close"]].map(math.isfinite).all().all()
@@ -317,8 +312,10 @@ def bare_registry(new_sqlite_uri: Callable[[str], str]) -> str:
 
 
 def _run_main(uri: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str):
+    """The CLI in this process; MLflow's global URIs (which `connect` sets) restored after."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    code = main(["finetune", "--no-progress", *args])
+    with tracking_uri(uri):
+        code = main(["finetune", "--no-progress", *args])
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
