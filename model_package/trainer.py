@@ -334,7 +334,26 @@ def train_stage(
     """Train `net` (the stage's network) on split.train, select on split.val; returns the
     history, and leaves the best weights in `net` (eval mode). `tokenizer` (predictor stage)
     tokenises the windows and stays frozen. Raises TrainingInterruptedError after saving the state
-    to work_dir when SIGINT / SIGTERM arrives."""
+    to work_dir when SIGINT / SIGTERM arrives: from the start of the stage (a signal during
+    data preparation stops the run after its first step), not only inside the loop."""
+    stop = StopFlag()
+    with stop.installed():
+        return _run_stage(net, split, settings, stop, tokenizer, work_dir, resume, on_step, on_epoch, progress)
+
+
+def _run_stage(
+    net: KronosTokenizer | Kronos,
+    split: WindowSplit,
+    settings: TrainSettings,
+    stop: StopFlag,
+    tokenizer: KronosTokenizer | None,
+    work_dir: Path | None,
+    resume: bool,
+    on_step: StepCallback | None,
+    on_epoch: EpochCallback | None,
+    progress: bool,
+) -> TrainResult:
+    """The body of `train_stage`, with the stop flag already installed."""
     expected = KronosTokenizer if settings.stage == "tokenizer" else Kronos
     if not isinstance(net, expected):
         raise TypeError(f"stage {settings.stage} trains a {expected.__name__}, got {type(net).__name__}")
@@ -407,70 +426,64 @@ def train_stage(
     share = settings.batch_size // place.world
     micro_size = share // settings.accumulation
     bar = _progress_bar(total_steps, state.global_step, progress and place.main)
-    stop = StopFlag()
-    with stop.installed():
-        while state.epoch < settings.epochs and not state.stopped_early:
-            net.train()
-            order = torch.randperm(
-                len(train_data), generator=torch.Generator().manual_seed(settings.seed + state.epoch)
-            )
-            while state.step_in_epoch < steps_per_epoch:
-                batch_rows = order[state.step_in_epoch * settings.batch_size :][: settings.batch_size]
-                mine = batch_rows[place.rank * share : (place.rank + 1) * share]
-                optimizer.zero_grad(set_to_none=True)
-                terms_sum: dict[str, float] = {}
-                for j in range(settings.accumulation):
-                    batch = train_data.rows(mine[j * micro_size : (j + 1) * micro_size], place.device)
-                    last = j == settings.accumulation - 1
-                    sync = nullcontext() if last or place.world == 1 else module.no_sync()  # type: ignore[operator]
-                    with sync:
-                        with autocast:
-                            terms = module(*batch)
-                        (terms["loss"] / settings.accumulation).backward()
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / settings.accumulation
-                if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                values = _all_sum(list(terms_sum.values()) + [float(stop.raised is not None)], place)
-                logged = {k: v / place.world for k, v in zip(terms_sum, values, strict=False)}
-                logged["lr"] = optimizer.param_groups[0]["lr"]
-                state.train_loss.append(logged["loss"])
-                state.epoch_loss_sum += logged["loss"]
-                state.step_in_epoch += 1
-                state.global_step += 1
+    while state.epoch < settings.epochs and not state.stopped_early:
+        net.train()
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed + state.epoch))
+        while state.step_in_epoch < steps_per_epoch:
+            batch_rows = order[state.step_in_epoch * settings.batch_size :][: settings.batch_size]
+            mine = batch_rows[place.rank * share : (place.rank + 1) * share]
+            optimizer.zero_grad(set_to_none=True)
+            terms_sum: dict[str, float] = {}
+            for j in range(settings.accumulation):
+                batch = train_data.rows(mine[j * micro_size : (j + 1) * micro_size], place.device)
+                last = j == settings.accumulation - 1
+                sync = nullcontext() if last or place.world == 1 else module.no_sync()  # type: ignore[operator]
+                with sync:
+                    with autocast:
+                        terms = module(*batch)
+                    (terms["loss"] / settings.accumulation).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / settings.accumulation
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            values = _all_sum(list(terms_sum.values()) + [float(stop.raised is not None)], place)
+            logged = {k: v / place.world for k, v in zip(terms_sum, values, strict=False)}
+            logged["lr"] = optimizer.param_groups[0]["lr"]
+            state.train_loss.append(logged["loss"])
+            state.epoch_loss_sum += logged["loss"]
+            state.step_in_epoch += 1
+            state.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=state.epoch + 1, loss=f"{logged['loss']:.4f}")
+            if on_step is not None and place.main:
+                on_step(state.global_step, logged)
+            if values[-1] > 0:  # some process was asked to stop
+                save()
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(epoch=state.epoch + 1, loss=f"{logged['loss']:.4f}")
-                if on_step is not None and place.main:
-                    on_step(state.global_step, logged)
-                if values[-1] > 0:  # some process was asked to stop
-                    save()
-                    if bar is not None:
-                        bar.close()
-                    raise TrainingInterruptedError(
-                        f"interrupted at step {state.global_step}; state saved in {work_dir}"
-                    )
-            epoch_train = state.epoch_loss_sum / steps_per_epoch
-            val = validation_loss(net, val_data, max(micro_size, 1) * 4, place)
-            selection = val if val is not None else epoch_train
-            state.epoch_train_loss.append(epoch_train)
-            if val is not None:
-                state.val_loss.append(val)
-            if selection < state.best_loss:
-                state.best_loss, state.best_epoch, state.bad_epochs = selection, state.epoch, 0
-                best = _snapshot(net)
-            else:
-                state.bad_epochs += 1
-                if settings.patience is not None and state.bad_epochs >= settings.patience:
-                    state.stopped_early = True
-            if on_epoch is not None and place.main:
-                on_epoch(state.epoch, epoch_train, val)
-            state.epoch += 1
-            state.step_in_epoch = 0
-            state.epoch_loss_sum = 0.0
-            save()
+                    bar.close()
+                raise TrainingInterruptedError(f"interrupted at step {state.global_step}; state saved in {work_dir}")
+        epoch_train = state.epoch_loss_sum / steps_per_epoch
+        val = validation_loss(net, val_data, max(micro_size, 1) * 4, place)
+        selection = val if val is not None else epoch_train
+        state.epoch_train_loss.append(epoch_train)
+        if val is not None:
+            state.val_loss.append(val)
+        if selection < state.best_loss:
+            state.best_loss, state.best_epoch, state.bad_epochs = selection, state.epoch, 0
+            best = _snapshot(net)
+        else:
+            state.bad_epochs += 1
+            if settings.patience is not None and state.bad_epochs >= settings.patience:
+                state.stopped_early = True
+        if on_epoch is not None and place.main:
+            on_epoch(state.epoch, epoch_train, val)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epoch_loss_sum = 0.0
+        save()
     if bar is not None:
         bar.close()
     net.load_state_dict(best)
