@@ -11,7 +11,7 @@ from pathlib import Path
 from .kronos.presets import DEMO_MAX_CONTEXT, DEMO_MODEL_CONFIG, DEMO_TOKENIZER_CONFIG
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_weights"
-DEMO_SOURCE = "demo:kronos-demo (model_package/demo_weights, trained by make demo-model)"
+DEMO_SOURCE = "demo:kronos-demo"  # kronos.weights.source of every registered copy (bootstrap, log --demo)
 
 __all__ = [
     "DEMO_DIR",

@@ -9,7 +9,6 @@ requests in one generation pass and still hand each request its own frame.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import pandas as pd
 import torch
 
 from .calendar import calendar_features, check_future, infer_future_timestamps, parse_timestamps
-from .errors import KronosInputError, brief
+from .errors import KronosInputError, brief, checked_int, checked_real
 from .frames import (
     CANDLE_COLUMNS,
     SERIES_ID,
@@ -79,21 +78,21 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Validate, and store plain Python types (numpy scalars and lists come in too).
         set_ = object.__setattr__
-        set_(self, "pred_len", _checked_int("pred_len", self.pred_len, 1, INT_PARAM_MAX))
-        set_(self, "top_k", _checked_int("top_k", self.top_k, 0, INT_PARAM_MAX))
-        set_(self, "sample_count", _checked_int("sample_count", self.sample_count, 1, INT_PARAM_MAX))
-        temperature = _checked_real("temperature", self.temperature)
+        set_(self, "pred_len", checked_int("pred_len", self.pred_len, 1, INT_PARAM_MAX))
+        set_(self, "top_k", checked_int("top_k", self.top_k, 0, INT_PARAM_MAX))
+        set_(self, "sample_count", checked_int("sample_count", self.sample_count, 1, INT_PARAM_MAX))
+        temperature = checked_real("temperature", self.temperature)
         if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:
             raise KronosInputError(
                 "temperature", f"must be in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {temperature!r}"
             )
         set_(self, "temperature", temperature)
-        top_p = _checked_real("top_p", self.top_p)
+        top_p = checked_real("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise KronosInputError("top_p", f"must be in (0, 1], got {top_p!r}")
         set_(self, "top_p", top_p)
         if self.seed is not None:
-            set_(self, "seed", _checked_int("seed", self.seed, 0, SEED_MAX))
+            set_(self, "seed", checked_int("seed", self.seed, 0, SEED_MAX))
         set_(self, "quantiles", _checked_levels(self.quantiles))
         if self.freq is not None and not isinstance(self.freq, str):
             raise KronosInputError("freq", f"must be a string (pandas offset alias), got {brief(self.freq)}")
@@ -105,35 +104,11 @@ class SamplingParams:
         set_(self, "repair_candles", bool(self.repair_candles))
 
 
-def _checked_int(name: str, value: object, minimum: int, maximum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise KronosInputError(name, f"must be an integer, got {brief(value)}")
-    number = int(value)
-    if number < minimum:
-        raise KronosInputError(name, f"must be >= {minimum}, got {number}")
-    if number > maximum:
-        raise KronosInputError(name, f"must be <= {maximum}, got {brief(number)}")
-    return number
-
-
-def _checked_real(name: str, value: object) -> float:
-    """A finite float from an int or float (not bool, NaN or infinite)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise KronosInputError(name, f"must be a number, got {brief(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float range
-        number = math.inf
-    if not math.isfinite(number):
-        raise KronosInputError(name, f"must be a finite number, got {brief(value)}")
-    return number
-
-
 def _checked_levels(levels: object) -> tuple[float, ...]:
     """Quantile levels: finite, in (0, 1), distinct, with distinct column names."""
     if isinstance(levels, (str, bytes)) or not isinstance(levels, (tuple, list, np.ndarray)):
         raise KronosInputError("quantiles", f"must be a list of numbers, got {brief(levels)}")
-    checked = tuple(_checked_real("quantiles", q) for q in levels)
+    checked = tuple(checked_real("quantiles", q) for q in levels)
     for q in checked:
         if not 0 < q < 1:
             raise KronosInputError("quantiles", f"levels must be in (0, 1), got {q!r}")

@@ -19,7 +19,7 @@ from mlflow.models.model import ModelInfo
 from . import __version__
 from .forecaster import KronosForecaster
 from .kronos import resolve_checkpoint
-from .kronos.checkpoint import CONFIG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE
+from .kronos.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, copy_checkpoint
 from .kronos.presets import preset_by_name
 from .pyfunc import MAX_CONTEXT_KEY, MODEL_ARTIFACT, TOKENIZER_ARTIFACT
 from .signature import input_example, kronos_signature
@@ -61,15 +61,6 @@ def weight_source(name_or_path: str | Path, revision: str | None, directory: Pat
         "resolved_revision": resolved,
         "weights_sha256": digest,
     }
-
-
-def _stage_checkpoint(directory: Path, target: Path) -> Path:
-    """Copy only config + weights (hub snapshots may hold other files; symlinks resolved)."""
-    target.mkdir(parents=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
-        if (directory / name).is_file():
-            shutil.copyfile(directory / name, target / name)
-    return target
 
 
 def _stage_code(target: Path) -> Path:
@@ -126,8 +117,8 @@ def log_kronos_model(
     with tempfile.TemporaryDirectory(prefix="kronos-log-") as staging:
         root = Path(staging)
         artifacts = {
-            TOKENIZER_ARTIFACT: str(_stage_checkpoint(tokenizer_dir, root / TOKENIZER_ARTIFACT)),
-            MODEL_ARTIFACT: str(_stage_checkpoint(model_dir, root / MODEL_ARTIFACT)),
+            TOKENIZER_ARTIFACT: str(copy_checkpoint(tokenizer_dir, root / TOKENIZER_ARTIFACT)),
+            MODEL_ARTIFACT: str(copy_checkpoint(model_dir, root / MODEL_ARTIFACT)),
         }
         return mlflow.pyfunc.log_model(
             name=name,

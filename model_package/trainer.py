@@ -94,6 +94,12 @@ class TrainSettings:
             raise ValueError("bf16 autocast is for CUDA devices only")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
+    def check_processes(self, world: int) -> None:
+        """The global batch must split evenly over `world` processes x `accumulation` micro-batches."""
+        micro = world * self.accumulation
+        if self.batch_size % micro:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of processes x accumulation ({micro})")
+
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
@@ -358,9 +364,7 @@ def _run_stage(
     if not isinstance(net, expected):
         raise TypeError(f"stage {settings.stage} trains a {expected.__name__}, got {type(net).__name__}")
     place = setup_distributed(settings.device)
-    micro = place.world * settings.accumulation
-    if settings.batch_size % micro:
-        raise ValueError(f"batch_size {settings.batch_size} must be a multiple of processes x accumulation ({micro})")
+    settings.check_processes(place.world)
     net.to(place.device)
     if settings.stage == "predictor" and tokenizer is not None:
         tokenizer.to(place.device)  # it tokenises the windows there (a CPU tokenizer would meet CUDA inputs)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,7 @@ import pandas as pd
 import torch
 
 from .calendar import calendar_features, parse_timestamps
-from .errors import KronosInputError, brief
+from .errors import KronosInputError, brief, checked_int, checked_real
 from .frames import CANDLE_COLUMNS, NORM_EPS, TIMESTAMP, Series, check_frame, split_series
 
 N_FEATURES = len(CANDLE_COLUMNS)  # 6: open, high, low, close, volume, amount
@@ -92,14 +91,13 @@ def make_windows(
     """Long-format candles -> training and validation windows, x [N, T, 6], stamp [N, T, 5].
 
     Output order: series in order of first appearance, windows by start within a series."""
-    _check_int(lookback, "lookback", 2)
-    _check_int(horizon, "horizon", 1)
-    _check_int(stride, "stride", 1)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 <= val_fraction < 1:
+    lookback = checked_int("lookback", lookback, 2)
+    horizon = checked_int("horizon", horizon, 1)
+    stride = checked_int("stride", stride, 1)
+    if not 0 <= checked_real("val_fraction", val_fraction) < 1:
         raise KronosInputError("val_fraction", f"must be a number in [0, 1), got {brief(val_fraction)}")
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not 0 < clip < math.inf:
+    if not checked_real("clip", clip) > 0:
         raise KronosInputError("clip", f"must be a finite number > 0, got {brief(clip)}")
-    lookback, horizon, stride = int(lookback), int(horizon), int(stride)
     T = lookback + horizon
     all_series = split_series(history, min_length=1, strict=strict_candles)
 
@@ -139,13 +137,6 @@ def make_windows(
         lookback=lookback,
         horizon=horizon,
     )
-
-
-def _check_int(value: object, field: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise KronosInputError(field, f"must be an integer >= {minimum}, got {brief(value)}")
-    if value < minimum:
-        raise KronosInputError(field, f"must be >= {minimum}, got {value}")
 
 
 def _train_length(L: int, val_fraction: float) -> int:

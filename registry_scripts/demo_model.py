@@ -30,11 +30,13 @@ from model_package import KronosForecaster
 from model_package.data import load_indexes
 from model_package.demo import DEMO_DIR, DEMO_MAX_CONTEXT, DEMO_MODEL_CONFIG, DEMO_TOKENIZER_CONFIG
 from model_package.finetune import WindowSpec, finetune, from_scratch
-from model_package.frames import repair_candles
+from model_package.frames import CANDLE_COLUMNS, repair_candles
 from model_package.kronos import count_parameters, save_checkpoint
 from model_package.windows import data_digest
 
 from .backtest import BacktestSpec, cut_windows, persistence_paths, score
+from .evaluate import sample_candles
+from .finetune import loss_curve
 
 HOLDOUT_START = pd.Timestamp("2016-01-01")
 SEED = 0
@@ -51,6 +53,7 @@ PREDICTOR_SETTINGS = {
     "patience": 3,
     "teacher_forcing": False,
 }
+CARD_CHUNK = 8  # windows per forecast call: part of what the card's seeded samples depend on
 CARD_SPEC = BacktestSpec(windows=70, context=128, horizon=10, step=10, samples=16, seed=0, band=(0.1, 0.9))
 TRAINING_FILE = "training.json"
 CURVE_FILE = "training_curve.png"
@@ -122,22 +125,16 @@ def _report_epoch(stage: str, epoch: int, train_loss: float, val_loss: float | N
 
 
 def training_curve(record: dict) -> Figure:
-    """Per-step training loss (smoothed) and per-epoch validation loss of both stages."""
-    fig = Figure(figsize=(10, 3.5))
-    axes = fig.subplots(1, 2)
-    for ax, (stage, data) in zip(axes, record["stages"].items(), strict=True):
-        steps = np.asarray(data["train_loss"])
-        per_epoch = max(1, len(steps) // max(1, data["epochs_run"]))
-        kernel = max(1, per_epoch // 10)
-        smooth = np.convolve(steps, np.ones(kernel) / kernel, mode="valid")
-        ax.plot(np.arange(len(smooth)) / per_epoch, smooth, lw=1, label="train (per step, smoothed)")
-        epochs = np.arange(1, len(data["val_loss"]) + 1)
-        ax.plot(epochs, data["val_loss"], "o-", label="validation (per epoch)")
-        ax.set_title(f"{stage}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=8)
-    return fig
+    """The loss-curve figure of `kronos-registry finetune`, from the stages in training.json."""
+    curves = {
+        stage: {
+            "train_loss": list(enumerate(data["train_loss"], start=1)),  # optimizer steps count from 1
+            "epoch_train_loss": list(enumerate(data["epoch_train_loss"])),  # epochs from 0
+            "val_loss": list(enumerate(data["val_loss"])),
+        }
+        for stage, data in record["stages"].items()
+    }
+    return loss_curve(curves, f"kronos-demo from scratch on {record['data']}")
 
 
 # -- the model card ----------------------------------------------------------------------------
@@ -165,22 +162,8 @@ def evaluate(directory: Path = DEMO_DIR) -> dict:
         directory / "tokenizer", directory / "model", DEMO_MAX_CONTEXT, device="cpu"
     )
     windows = [w for w in cut_windows(candles, CARD_SPEC) if w.actual["timestamp"].iloc[0] >= HOLDOUT_START]
-    columns = ["open", "high", "low", "close", "volume", "amount"]
-    paths = np.zeros((len(windows), CARD_SPEC.samples, CARD_SPEC.horizon, 6))
-    for start in range(0, len(windows), 8):
-        chunk = windows[start : start + 8]
-        history = pd.concat([w.history.assign(series_id=w.window_id) for w in chunk], ignore_index=True)
-        future = pd.concat(
-            [pd.DataFrame({"series_id": w.window_id, "timestamp": w.actual["timestamp"]}) for w in chunk],
-            ignore_index=True,
-        )
-        frame = forecaster.predict_paths(
-            history, CARD_SPEC.horizon, future, sample_count=CARD_SPEC.samples, seed=CARD_SPEC.seed
-        )
-        for i, w in enumerate(chunk):
-            rows = frame.loc[frame["series_id"] == w.window_id].sort_values(["path", "timestamp"])
-            paths[start + i] = rows[columns].to_numpy().reshape(CARD_SPEC.samples, CARD_SPEC.horizon, 6)
-    closes = paths[..., 3]  # [W, S, H]
+    paths = sample_candles(forecaster, windows, CARD_SPEC, chunk_size=CARD_CHUNK)  # [W, S, H, 6]
+    closes = paths[..., CANDLE_COLUMNS.index("close")]  # [W, S, H]
     results: dict[str, dict] = {}
     groups = {"pooled": list(range(len(windows)))}
     for series in sorted({w.series_id for w in windows}):

@@ -23,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from tqdm import tqdm
 
 from model_package import KronosForecaster
+from model_package.frames import CANDLE_COLUMNS
 
 from .backtest import BacktestSpec, Window, cut_windows, persistence_paths, score, windows_table
 from .errors import BadDataError
@@ -49,10 +50,17 @@ def load_forecaster(registry: Registry, version: ModelVersion) -> KronosForecast
     return model.unwrap_python_model().forecaster
 
 
-def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: BacktestSpec, progress: tqdm) -> np.ndarray:
-    """[W, S, H] sampled close paths for every window (batched, `CHUNK` windows a call)."""
+def sample_candles(
+    forecaster: KronosForecaster,
+    windows: list[Window],
+    spec: BacktestSpec,
+    progress: tqdm | None = None,
+    chunk_size: int = CHUNK,
+) -> np.ndarray:
+    """[W, S, H, 6] sampled candles (CANDLE_COLUMNS) for every window, `chunk_size` windows a
+    forecast call (the chunking decides the per-series seeds, so keep it to reproduce)."""
     out = []
-    for chunk in _chunks(windows, CHUNK):
+    for chunk in _chunks(windows, chunk_size):
         history = pd.concat([w.history.assign(series_id=w.window_id) for w in chunk], ignore_index=True)
         future = pd.concat(
             [pd.DataFrame({"series_id": w.window_id, "timestamp": w.actual["timestamp"]}) for w in chunk],
@@ -62,10 +70,16 @@ def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: Back
             history, spec.horizon, future_timestamps=future, sample_count=spec.samples, seed=spec.seed
         )
         for w in chunk:
-            closes = paths.loc[paths["series_id"] == w.window_id].sort_values(["path", "timestamp"])
-            out.append(closes["close"].to_numpy().reshape(spec.samples, spec.horizon))
-        progress.update(1)
+            rows = paths.loc[paths["series_id"] == w.window_id].sort_values(["path", "timestamp"])
+            out.append(rows[list(CANDLE_COLUMNS)].to_numpy().reshape(spec.samples, spec.horizon, len(CANDLE_COLUMNS)))
+        if progress is not None:
+            progress.update(1)
     return np.stack(out)
+
+
+def sample_paths(forecaster: KronosForecaster, windows: list[Window], spec: BacktestSpec, progress: tqdm) -> np.ndarray:
+    """[W, S, H] sampled close paths for every window (batched, `CHUNK` windows a call)."""
+    return sample_candles(forecaster, windows, spec, progress)[..., CANDLE_COLUMNS.index("close")]
 
 
 def fan_chart(windows: list[Window], paths: np.ndarray, band: tuple[float, float], title: str) -> Figure:

@@ -61,7 +61,7 @@ from model_package.kronos import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from model_package.kronos.checkpoint import CONFIG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE
+from model_package.kronos.checkpoint import CONFIG_FILE, copy_checkpoint
 from model_package.kronos.presets import preset_by_name
 from model_package.log_model import log_kronos_model
 from model_package.trainer import STAGES, TrainingInterruptedError, TrainSettings, setup_distributed
@@ -148,17 +148,11 @@ def cut_windows(history: pd.DataFrame, description: str, spec: WindowSpec, batch
 
 def check_settings(stage: str, settings: dict[str, Any], world: int) -> None:
     """Refuse bad training settings before any work (exit 2)."""
-    for name in stages_of(stage):
-        try:
-            checked = TrainSettings(stage=name, **settings)
-        except (ValueError, TypeError) as exc:
-            raise CliError(f"bad training setting: {exc}", errors.USAGE) from None
-    micro = world * checked.accumulation
-    if checked.batch_size % micro:
-        raise CliError(
-            f"--batch-size {checked.batch_size} must be a multiple of processes x --accumulation ({micro})",
-            errors.USAGE,
-        )
+    try:
+        for name in stages_of(stage):
+            TrainSettings(stage=name, **settings).check_processes(world)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"bad training setting: {exc}", errors.USAGE) from None
 
 
 # -- base ------------------------------------------------------------------------------------------
@@ -178,15 +172,6 @@ def parse_models_uri(spec: str) -> tuple[str, str]:
     return name, ref
 
 
-def _copy_checkpoint(source: Path, target: Path) -> Path:
-    """Config + weights of a checkpoint dir (hub snapshots resolved), nothing else."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-    return target
-
-
 def _registered_base(registry: Registry, spec: str, target: Path) -> tuple[BaseInfo, Path, Path]:
     """Download a registered version's tokenizer and model artifacts."""
     from mlflow.models import Model
@@ -204,8 +189,8 @@ def _registered_base(registry: Registry, spec: str, target: Path) -> tuple[BaseI
         if missing:
             raise NotFoundError(f"--base {spec}: version {version.version} has no {', '.join(missing)} artifact")
         metadata = Model.load(str(local / "MLmodel")).metadata or {}
-        tokenizer = _copy_checkpoint(found[TOKENIZER_ARTIFACT], target / "tokenizer")
-        model = _copy_checkpoint(found[MODEL_ARTIFACT], target / "model")
+        tokenizer = copy_checkpoint(found[TOKENIZER_ARTIFACT], target / "tokenizer")
+        model = copy_checkpoint(found[MODEL_ARTIFACT], target / "model")
     context = metadata.get("max_context")
     info = BaseInfo(
         spec=spec,
@@ -240,7 +225,7 @@ def _checkpoint_base(spec: str, tokenizer: str | None, target: Path) -> tuple[Ba
         max_context=preset.max_context if preset is not None and not path.is_dir() else None,
         tokenizer=tokenizer,
     )
-    return info, _copy_checkpoint(tokenizer_dir, target / "tokenizer"), _copy_checkpoint(model_dir, target / "model")
+    return info, copy_checkpoint(tokenizer_dir, target / "tokenizer"), copy_checkpoint(model_dir, target / "model")
 
 
 def resolve_base(registry: Registry, request: FinetuneRequest, target: Path) -> BaseInfo:

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 
 import model_package
-from model_package.demo import DEMO_MAX_CONTEXT, demo_checkpoints
+from model_package.demo import DEMO_MAX_CONTEXT, DEMO_SOURCE, demo_checkpoints
 from model_package.kronos import KronosConfig, TokenizerConfig, write_random_checkpoint
 from model_package.log_model import log_kronos_model
 
@@ -30,7 +30,6 @@ from .events import append_event
 from .registry import CHALLENGER, CHAMPION, LOG_EXPERIMENT, ROOT, Registry, start_run
 
 DEFAULT_MODEL = "NeoQuasar/Kronos-small"
-DEMO_WEIGHTS_SOURCE = "demo:kronos-demo"
 DEMO_NOTE = (
     "note: --demo registers the small demo Kronos trained on daily S&P 500 / NASDAQ bars "
     "(model_package/demo_weights/MODEL_CARD.md): for trying the workflow, not for trading"
@@ -217,9 +216,7 @@ def log_version(registry: Registry, request: LogRequest) -> str | None:
             warning="RANDOM DEMO WEIGHTS - forecasts are meaningless",
         )
     else:
-        tags = version_tags(
-            info.metadata or {}, source=DEMO_WEIGHTS_SOURCE if request.demo else None, demo=request.demo
-        )
+        tags = version_tags(info.metadata or {}, source=DEMO_SOURCE if request.demo else None, demo=request.demo)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,6 +79,16 @@ def read_config(directory: Path) -> dict:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from exc
+
+
+def copy_checkpoint(directory: Path, target: Path) -> Path:
+    """Copy only config + weights of a checkpoint dir into `target` (hub snapshots may hold
+    other files; their symlinks are resolved)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):
+        if (directory / name).is_file():
+            shutil.copyfile(directory / name, target / name)
+    return target
 
 
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:

@@ -65,9 +65,9 @@ def generate(
     """
     if mode not in GENERATION_MODES:
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
-    require_eval(tokenizer, model)
     validate_series(series, tokenizer.config.d_in)
     if mode == "reference":
+        require_eval(tokenizer, model)  # the fast modes check it in Generation
         return _generate_reference(tokenizer, model, series, max_context)
     run = Generation(tokenizer, model, series, max_context, mode == "rolling", on_step)
     run.start()

@@ -28,7 +28,6 @@ class BinarySphericalQuantizer(nn.Module):
     def __init__(self, codebook_dim: int, group_size: int) -> None:
         super().__init__()
         self.codebook_dim = codebook_dim
-        self.group_size = group_size
         self.register_buffer("basis", 2 ** torch.arange(codebook_dim - 1, -1, -1))
         self.register_buffer("group_basis", 2 ** torch.arange(group_size - 1, -1, -1))
 

@@ -42,19 +42,24 @@ def assert_close(actual: float, wanted: float, rtol: float, what: str) -> None:
     assert abs(actual - wanted) <= rtol * abs(wanted), f"{what}: {actual!r} vs upstream {wanted!r} (rtol {rtol})"
 
 
+def assert_matches_upstream(net: torch.nn.Module, terms: dict[str, torch.Tensor], wanted: dict, what: str) -> None:
+    """Every loss term (1e-5), then after backward the global and the named gradient norms (1e-4)."""
+    for key in terms:
+        assert_close(float(terms[key].detach()), wanted[key], LOSS_RTOL, f"{what} {key}")
+    terms["loss"].backward()
+    total, per = grad_norms(net)
+    assert_close(total, wanted["grad_norm_total"], GRAD_RTOL, f"{what} grad norm")
+    for name, norm in wanted["grad_norm"].items():
+        assert_close(per[name], norm, GRAD_RTOL, f"{what} grad {name}")
+
+
 def test_tokenizer_loss_and_gradients_match_upstream(parity_dir: Path, expected: dict, batch: tuple) -> None:
     tokenizer = load_tokenizer(parity_dir / "tokenizer")
     assert not tokenizer.training
     x, _ = batch
     terms = tokenizer_loss(tokenizer, x)
     assert set(terms) == {"loss", "recon_pre", "recon_all", "bsq_loss"}
-    for key in terms:
-        assert_close(float(terms[key].detach()), expected["tokenizer"][key], LOSS_RTOL, f"tokenizer {key}")
-    terms["loss"].backward()
-    total, per = grad_norms(tokenizer)
-    assert_close(total, expected["tokenizer"]["grad_norm_total"], GRAD_RTOL, "tokenizer grad norm")
-    for name, wanted in expected["tokenizer"]["grad_norm"].items():
-        assert_close(per[name], wanted, GRAD_RTOL, f"tokenizer grad {name}")
+    assert_matches_upstream(tokenizer, terms, expected["tokenizer"], "tokenizer")
 
 
 def test_encoded_tokens_match_upstream(parity_dir: Path, expected: dict, batch: tuple) -> None:
@@ -72,13 +77,7 @@ def test_predictor_loss_and_gradients_match_upstream(parity_dir: Path, expected:
     s2 = torch.tensor(expected["tokens"]["s2"])
     terms = predictor_loss(model, s1, s2, batch[1], teacher_forcing=True)
     assert set(terms) == {"loss", "ce_s1", "ce_s2"}
-    for key in terms:
-        assert_close(float(terms[key].detach()), expected["predictor"][key], LOSS_RTOL, f"predictor {key}")
-    terms["loss"].backward()
-    total, per = grad_norms(model)
-    assert_close(total, expected["predictor"]["grad_norm_total"], GRAD_RTOL, "predictor grad norm")
-    for name, wanted in expected["predictor"]["grad_norm"].items():
-        assert_close(per[name], wanted, GRAD_RTOL, f"predictor grad {name}")
+    assert_matches_upstream(model, terms, expected["predictor"], "predictor")
 
 
 def test_predictor_without_teacher_forcing_samples_the_s2_condition(
@@ -144,3 +143,18 @@ def test_training_mode_is_causal_and_uses_dropout(parity_dir: Path, expected: di
         # a change at the last input position reaches earlier s2 logits only through the
         # s2 head's keys, and only in eval mode (full attention)
         assert bool((base[:, :-1] - moved[:, :-1]).abs().max() > 1e-6) is future_visible
+
+
+@pytest.mark.parametrize("mode", ["fast", "rolling", "reference"])
+def test_generation_refuses_a_network_in_training_mode(parity_dir: Path, mode: str) -> None:
+    """Dropout and the causal s2 head are training-only: generation needs eval mode."""
+    from model_package.kronos import SeriesInput, generate
+
+    tokenizer, model = load_tokenizer(parity_dir / "tokenizer"), load_model(parity_dir / "model")
+    series = [SeriesInput(torch.zeros(8, 6), torch.zeros(10, 5), pred_len=2)]
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        generate(tokenizer, model, series, 16, mode)
+    model.eval()
+    outputs, _ = generate(tokenizer, model, series, 16, mode)
+    assert outputs[0] is not None and outputs[0].paths.shape == (1, 2, 6)
