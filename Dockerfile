@@ -69,11 +69,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/home/kronos/.cache/huggingface
+    HF_HOME=/home/kronos/.cache/huggingface \
+    KRONOS_MODEL_CACHE_DIR=/home/kronos/.cache/kronos-serving/models
 RUN groupadd --system --gid 10001 kronos \
     && useradd --system --uid 10001 --gid kronos --create-home --home-dir /home/kronos kronos \
     && install -d -o kronos -g kronos /app /app/src /data/mlflow-artifacts \
-         /home/kronos/.cache/huggingface
+         /home/kronos/.cache/huggingface /home/kronos/.cache/kronos-serving/models
 COPY --from=builder /opt/venv /opt/venv
 COPY --chown=kronos:kronos serving /app/serving
 # MLServer ignores MLSERVER_* variables when settings.json exists, and the repository's

@@ -13,7 +13,7 @@ BIN_PD3 := $(VENV_PD3)/bin
 STAMP_PD3 := $(VENV_PD3)/.installed
 PIP_PD3 := $(BIN_PD3)/python -m pip --disable-pip-version-check -q
 
-.PHONY: help venv system test test-pandas3 test-fast lint serve bench bench-train demo-model demo-model-card loadtest soak clean
+.PHONY: help secrets venv system test test-pandas3 test-fast lint serve bench bench-train demo-model demo-model-card loadtest soak clean
 
 help:
 	@echo "make test    - set up (venv, packages, system services) and run the whole test suite"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
 	@echo "make soak    - start a local stack, soak it below and above capacity, check"
+	@echo "make secrets - create the compose stack's missing registry password files under ./secrets/"
 
 # torch first, from the CPU wheel on disk; then the project with torch pinned so that no
 # other torch build is ever pulled in.
@@ -93,7 +94,10 @@ demo-model-card: venv
 
 # Registers NeoQuasar/Kronos-small as kronos@champion when the registry has none (the shipped
 # trained demo model, model_package/demo_weights, when the hub is unreachable), then runs MLServer on
-# 127.0.0.1 (serving/settings.json). Registry: MLFLOW_TRACKING_URI, default .state/mlflow.
+# 127.0.0.1:8080 (REST), 8081 (gRPC), 8082 (metrics). Registry: MLFLOW_TRACKING_URI, default
+# .state/mlflow. Other host, ports or state folder: KRONOS_SERVER_HOST, KRONOS_SERVER_HTTP_PORT,
+# KRONOS_SERVER_GRPC_PORT, KRONOS_SERVER_METRICS_PORT, KRONOS_STATE_DIR (see serving/__main__.py),
+# as environment or make variables: make serve KRONOS_SERVER_HTTP_PORT=9080 ...
 serve: venv
 	$(BIN)/python -m serving $(SERVE_ARGS)
 
@@ -121,3 +125,14 @@ soak: venv
 
 clean:
 	rm -rf $(VENV) $(VENV_PD3) .pytest_cache .benchmarks
+
+# The compose stack's registry secrets (docs/registry-auth.md): random values for the files
+# that do not exist yet; existing files are kept (rotate: edit one, rerun `auth-setup`).
+REGISTRY_SECRETS := mlflow_admin_password mlflow_flask_secret_key mlflow_serving_password \
+  mlflow_scientist_password mlflow_manager_password
+secrets:
+	@mkdir -p -m 700 secrets
+	@for name in $(REGISTRY_SECRETS); do \
+	  if [ -s "secrets/$$name" ]; then echo "secrets/$$name: kept"; \
+	  else (umask 022; head -c 24 /dev/urandom | base64 > "secrets/$$name") && echo "secrets/$$name: created"; fi; \
+	done

@@ -6,8 +6,13 @@ shared with `make serve`); registered model: --name or $KRONOS_REGISTERED_MODEL 
 Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 gate refused, 4 registry unreachable,
 5 not found (unknown model/alias/version, no earlier champion to roll back to, a
 checkpoint that cannot be resolved, nothing to resume), 6 bad data (file missing,
-unreadable or not long-format candles; too short for one training window), 130
-interrupted (finetune: state saved, continue with --resume).
+unreadable or not long-format candles; too short for one training window), 7 not
+authenticated (HTTP 401), 8 permission denied (HTTP 403), 130 interrupted (finetune:
+state saved, continue with --resume).
+
+Authenticated server (`mlflow server --app-name kronos-auth`): MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_PASSWORD_FILE (a secret file); the admin
+provisions the accounts with `auth-setup` (docs/registry-auth.md).
 
 Fine-tuning on several processes: torchrun --nproc_per_node N -m registry_scripts finetune ...
 (DistributedDataParallel; only rank 0 talks to MLflow).
@@ -18,11 +23,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from . import errors
 from .errors import CliError
@@ -184,6 +191,19 @@ def _add_history(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         p.set_defaults(handler=_run_history)
 
 
+def _add_auth_setup(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "auth-setup",
+        parents=[common],
+        help="(admin) create the serving/scientist/manager accounts and their permissions",
+        description="As the MLflow admin, on a server run with --app-name kronos-auth: create or update the "
+        "accounts KRONOS_AUTH_{SERVING,SCIENTIST,MANAGER}_USER (passwords from KRONOS_AUTH_{ROLE}_PASSWORD_FILE "
+        "or KRONOS_AUTH_{ROLE}_PASSWORD, never arguments), create the registered model and the CLI's experiments "
+        "if missing, and grant READ / EDIT / MANAGE on the model. Idempotent; rerun to rotate passwords.",
+    )
+    p.set_defaults(handler=_run_auth_setup)
+
+
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The argparse tree of every subcommand (`with_training=False`: without finetune's
     training options, which need torch)."""
@@ -198,7 +218,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_log(sub, common)
     _add_finetune(sub, common, with_training)
-    for add in (_add_evaluate, _add_promote, _add_rollback, _add_history):
+    for add in (_add_evaluate, _add_promote, _add_rollback, _add_history, _add_auth_setup):
         add(sub, common)
     return parser
 
@@ -317,7 +337,53 @@ def _run_history(args: argparse.Namespace) -> int:
     return errors.OK
 
 
+def _run_auth_setup(args: argparse.Namespace) -> int:
+    from .auth_setup import auth_setup
+    from .registry import connect
+
+    print("\n".join(auth_setup(connect(args.name))))
+    return errors.OK
+
+
 # -- errors -> one line + exit code --------------------------------------------------------------
+
+
+def _refusal(exc: BaseException) -> tuple[int, str] | None:
+    """(401 or 403, the refused request) when the registry refused us, searching the causes."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            break
+        response = getattr(current, "response", None)
+        if isinstance(current, requests.HTTPError) and response is not None and response.status_code in (401, 403):
+            request = response.request
+            return response.status_code, f"{request.method} {urlparse(str(request.url)).path}" if request else ""
+        if isinstance(current, MlflowException) and current.get_http_status_code() in (401, 403):
+            endpoint = re.search(r"endpoint (\S+) failed with error code", str(current))
+            return current.get_http_status_code(), endpoint.group(1) if endpoint else ""
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _auth_message(status: int, request: str) -> tuple[int, str]:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = f"user {user!r} and its password were rejected" if user else "no credentials were given"
+        return errors.UNAUTHENTICATED, (
+            f"not authenticated by the registry ({who}): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_PASSWORD_FILE"
+        )
+    who = f" for user {user!r}" if user else ""
+    what = f" ({request})" if request else ""
+    need = (
+        "moving champion (a managed alias) needs MANAGE on the registered model"
+        if "registered-models/alias" in request
+        else "ask the registry admin for the permission"
+    )
+    return errors.PERMISSION_DENIED, f"permission denied{who}{what}: {need} (docs/registry-auth.md)"
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
@@ -328,6 +394,11 @@ def classify(exc: BaseException) -> tuple[int, str]:
     from mlflow.exceptions import MlflowException
 
     text = " ".join(str(exc).split())[:300] or type(exc).__name__
+    if type(exc).__name__ == "CredentialsError":  # model_package.credentials (not imported: torch)
+        return errors.UNAUTHENTICATED, f"credentials: {text}"
+    refused = _refusal(exc)
+    if refused is not None:
+        return _auth_message(*refused)
     if type(exc).__name__ == "CheckpointError":
         return errors.NOT_FOUND, f"checkpoint not usable: {text}"
     if isinstance(exc, requests.ConnectionError | requests.Timeout | ConnectionError):
@@ -352,6 +423,15 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
+def _load_credentials() -> None:
+    """MLFLOW_TRACKING_*_FILE -> the variables MLflow's client reads (model_package imports
+    torch: only imported when a file is named)."""
+    if any(os.environ.get(f"MLFLOW_TRACKING_{name}_FILE") for name in ("USERNAME", "PASSWORD")):
+        from model_package.credentials import load_tracking_credentials
+
+        load_tracking_credentials()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `kronos-registry` and `python -m registry_scripts`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -360,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         _quiet()
     try:
+        _load_credentials()
         return args.handler(args)
     except KeyboardInterrupt:
         print("kronos-registry: interrupted", file=sys.stderr)

@@ -11,6 +11,10 @@ Scripts can rely on these codes:
        back to, or a checkpoint (hub id or directory) that cannot be resolved
     6  bad data (a file missing, unreadable or not in the long candle format; for finetune
        also data too short for one training window, or fewer windows than a batch)
+    7  not authenticated: the registry answered 401 (no or wrong MLFLOW_TRACKING_USERNAME /
+       MLFLOW_TRACKING_PASSWORD), or MLFLOW_TRACKING_*_FILE names an unreadable file
+    8  permission denied: the registry answered 403 (e.g. promote / rollback without MANAGE
+       on the registered model; see docs/registry-auth.md)
   130  interrupted (Ctrl-C / SIGTERM); `finetune` saved its state: rerun with --resume
 """
 
@@ -23,6 +27,8 @@ GATE_REFUSED = 3
 UNREACHABLE = 4
 NOT_FOUND = 5
 BAD_DATA = 6
+UNAUTHENTICATED = 7
+PERMISSION_DENIED = 8
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 

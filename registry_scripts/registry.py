@@ -20,8 +20,9 @@ from mlflow.exceptions import MlflowException
 from .errors import NotFoundError, UnreachableError
 
 ROOT = Path(__file__).resolve().parents[1]
-# The same embedded registry `make serve` (python -m serving) uses.
-DEFAULT_DB = ROOT / ".state" / "mlflow" / "mlflow.db"
+# The same embedded registry `make serve` (python -m serving) uses: under $KRONOS_STATE_DIR,
+# by default the checkout's .state/.
+DEFAULT_STATE_DIR = ROOT / ".state"
 DEFAULT_MODEL_NAME = "kronos"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -38,12 +39,21 @@ def default_model_name() -> str:
 
 
 def tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, or the project's sqlite file (absolute, so CWD never matters)."""
+    """$MLFLOW_TRACKING_URI, or the sqlite file of `make serve`'s embedded registry,
+    `<KRONOS_STATE_DIR>/mlflow/mlflow.db` (absolute, so CWD never matters afterwards)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{DEFAULT_DB}"
+    database = default_database()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{database}"
+
+
+def default_database() -> Path:
+    """The embedded registry's sqlite file ($KRONOS_STATE_DIR: relative to the current
+    directory, as `python -m serving` reads it)."""
+    state = os.environ.get("KRONOS_STATE_DIR") or DEFAULT_STATE_DIR
+    return Path(state).expanduser().resolve() / "mlflow" / "mlflow.db"
 
 
 def sqlite_path(uri: str) -> Path | None:

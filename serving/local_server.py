@@ -260,9 +260,10 @@ class LocalServer(LocalProcess):
         """Render serving/'s settings into `workdir` with three free ports, start MLServer
         there (log: `workdir/mlserver.log`) and wait until the model is ready.
 
-        `env` adds to `mlserver_env`; `model_settings` updates model-settings.json (e.g.
-        `max_batch_size`). RuntimeError "mlserver exited with N" when the server exits
-        first, "mlserver not ready after N s" when the wait runs out (it is then stopped).
+        `env` adds to `mlserver_env` (the model cache defaults to `workdir/model-cache`);
+        `model_settings` updates model-settings.json (e.g. `max_batch_size`). RuntimeError
+        "mlserver exited with N" when the server exits first, "mlserver not ready after N s"
+        when the wait runs out (it is then stopped).
         """
         http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
         render_server_dir(workdir, http_port, grpc_port, metrics_port, model_settings)
@@ -272,7 +273,7 @@ class LocalServer(LocalProcess):
             [venv_script("mlserver"), "start", str(workdir)],
             log,
             lambda: http_ok(ready_url),
-            env=mlserver_env(tracking_uri, env),
+            env=mlserver_env(tracking_uri, {"KRONOS_MODEL_CACHE_DIR": str(workdir / "model-cache"), **(env or {})}),
             cwd=workdir,
             timeout_s=timeout_s,
             what="mlserver",

@@ -27,6 +27,8 @@ BYTES_GAUGE_HELP = "Memory of the requests {} (bytes, their costs)"
 # unavailable: 503 (model not loaded / unloading); error: 500.
 ABANDON_REASONS = (DEADLINE, CANCELLED)
 OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "unavailable", "error")
+# ok: the registry answered where the alias points; failed: no answer, or an error answer.
+REGISTRY_CHECK_RESULTS = ("ok", "failed")
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -157,6 +159,26 @@ class KronosMetrics:
             r,
             multiprocess_mode="livemax",
         )
+        self.registry_checks = _get_or_create(
+            Counter,
+            "kronos_registry_checks_total",
+            "Registry look-ups of the served model (at load and every alias poll) by result",
+            r,
+            labelnames=("result",),
+        )
+        for result in REGISTRY_CHECK_RESULTS:  # exported from the start, at 0
+            self.registry_checks.labels(result)
+        # Each worker checks on its own; the latest result of any live worker is the state
+        # (max would hide a worker that just saw the registry fail, min one that just saw it
+        # back). MLServer deletes a dead worker's files, and a restarted worker writes its
+        # own result at load: a worker that died during an outage leaves no stale 0 behind.
+        self.registry_up = _get_or_create(
+            Gauge,
+            "kronos_registry_up",
+            "1 when the last registry check got an answer (or no registry is used); 0: unreachable",
+            r,
+            multiprocess_mode="livemostrecent",
+        )
 
     # -- BatchObserver ---------------------------------------------------------------------
 
@@ -200,6 +222,11 @@ class KronosMetrics:
 
     def outcome(self, outcome: str, version: str) -> None:
         self.requests.labels(outcome, version).inc()
+
+    def registry_checked(self, ok: bool, reachable: bool) -> None:
+        """Count one registry check; `reachable`: the registry answered (even with an error)."""
+        self.registry_checks.labels("ok" if ok else "failed").inc()
+        self.registry_up.set(1 if reachable else 0)
 
 
 def rss_bytes() -> int:

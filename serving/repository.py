@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from mlserver.repository import SchemalessModelRepository
 
+from model_package.credentials import load_tracking_credentials
+
 from . import patches
 from .settings import ServingSettings
 
+load_tracking_credentials()  # MLFLOW_TRACKING_PASSWORD_FILE -> MLFLOW_TRACKING_PASSWORD, before any registry call
 patches.install(ServingSettings.model_fields["retry_after_s"].default)
 
 

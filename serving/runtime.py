@@ -52,9 +52,25 @@ from .errors import (
     ModelNotReadyError,
     ServerOverloadedError,
 )
-from .loader import LoadedModel, load_model, resolve_uri
+from .loader import (
+    LoadedModel,
+    RegistryHealth,
+    RegistryUnavailableError,
+    ResolvedUri,
+    apply_registry_limits,
+    fetch,
+    is_registry_uri,
+    load_model,
+    locate,
+    one_line,
+    open_cache,
+    remember,
+    resolve_uri,
+    unreachable_cause,
+)
 from .logs import REQUEST_ID_HEADER, configure_json_logging, log_request, request_id_from
 from .metrics import KronosMetrics, rss_bytes
+from .model_cache import ModelCache
 from .settings import ServingSettings, check_server_environment
 from .v2 import pop_timeout, request_frame, request_params, response
 from .warmup import warmup_history
@@ -116,16 +132,21 @@ class KronosRuntime(MLModel):
         self._loaded: LoadedModel | None = None
         self._batcher: SeriesBatcher | None = None
         self._poller: asyncio.Task | None = None
+        self._cache: ModelCache | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def load(self) -> bool:
-        """Resolve the alias, load the pyfunc, warm up, then report ready."""
+        """Resolve the alias (from the model cache when the registry does not answer), load
+        the pyfunc, warm up, then report ready."""
         self.config = ServingSettings()
         configure_json_logging(self.config.log_level)  # idempotent (reloads)
+        self._limit_registry_calls()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         self.metrics = KronosMetrics()
+        self._registry = RegistryHealth(self.metrics, logger)
+        self._cache = self._open_cache()
         self.metrics.queue_budget.set(self.config.queue_budget_bytes)
         self.metrics.running_budget.set(self.config.running_budget_bytes)
         self._batcher = SeriesBatcher(
@@ -141,6 +162,11 @@ class KronosRuntime(MLModel):
         self._batcher.start()
         try:
             loaded = await self._load(self.config.model_uri)
+        except RegistryUnavailableError as exc:  # one line says it all
+            logger.error("could not load %s: %s", self.config.model_uri, exc)
+            await self._batcher.drain_and_stop(0)
+            self._batcher = None
+            raise
         except Exception:
             logger.exception("could not load %s", self.config.model_uri)
             await self._batcher.drain_and_stop(0)
@@ -155,15 +181,76 @@ class KronosRuntime(MLModel):
         self.metrics.resident_memory.set(rss_bytes())
         return True
 
-    async def _load(self, uri: str) -> LoadedModel:
-        source = await asyncio.to_thread(resolve_uri, uri)
-        logger.info("loading %s as %s", uri, source.load_uri)
+    def _limit_registry_calls(self) -> None:
+        """Bound every registry request of this worker before its first one (see
+        `ServingSettings.registry_limits`); say so when the settings were lowered to fit."""
+        limits = self.config.registry_limits
+        apply_registry_limits(limits)
+        if (limits.timeout_s, limits.retries) != (self.config.registry_timeout_s, self.config.registry_retries):
+            logger.info(
+                "registry requests: timeout %d s, %d retries (KRONOS_REGISTRY_TIMEOUT_S=%d and "
+                "KRONOS_REGISTRY_RETRIES=%d lowered to fit one check in KRONOS_ALIAS_POLL_S=%g)",
+                limits.timeout_s,
+                limits.retries,
+                self.config.registry_timeout_s,
+                self.config.registry_retries,
+                self.config.alias_poll_s,
+            )
+
+    def _open_cache(self) -> ModelCache | None:
+        """The local model cache; None (and one WARNING) when its folder is unusable."""
+        try:
+            return open_cache(self.config.model_cache_dir, self.config.model_cache_versions)
+        except OSError as exc:
+            logger.warning(
+                "model cache unusable (KRONOS_MODEL_CACHE_DIR: %s); loading from the registry only, "
+                "a restart will need it",
+                one_line(exc),
+            )
+            return None
+
+    async def _locate(self, uri: str) -> ResolvedUri:
+        """Where `uri` loads from: the registry's answer (its version fetched into the cache)
+        or, without one, the cached version. A registry look-up is a check (counted)."""
+        if not is_registry_uri(uri):
+            self.metrics.registry_up.set(1)  # no registry in use: nothing is down
+            return resolve_uri(uri)
+        try:
+            source = await asyncio.to_thread(locate, uri, self._cache)
+        except Exception as exc:
+            cause = unreachable_cause(exc)
+            self._registry.failed(cause or one_line(exc), reachable=cause is None, consequence=None)
+            raise
+        if source.offline is None:
+            self._registry.ok()
+        else:
+            served = f"serving cached {source.name} version {source.version} ({source.offline.description})"
+            self._registry.failed(source.offline.cause, reachable=False, consequence=served)
+        return source
+
+    async def _load(self, uri: str, source: ResolvedUri | None = None) -> LoadedModel:
+        """Load `uri` (`source`: already resolved by an alias check), warm it up, and record
+        the alias' version in the model cache."""
+        if source is None:
+            source = await self._locate(uri)
+        elif self._cache is not None:
+            source = await asyncio.to_thread(fetch, source, self._cache)
+        logger.info("loading %s version %s from %s", uri, source.version, source.load_uri)
         loaded = await asyncio.to_thread(load_model, source)
         if self.config.warmup:
             request = prepare_request(loaded.forecaster, warmup_history(), {"pred_len": 2, "top_k": 1}, loaded.settings)
             assert self._batcher is not None
             await self._batcher.submit(loaded.forecaster, request, self.config.default_deadline_s)
+        await self._remember(source)
         return loaded
+
+    async def _remember(self, source: ResolvedUri) -> None:
+        """Record the alias' version in the cache and evict old versions (a full or
+        read-only disk costs the next offline restart, not this load)."""
+        try:
+            await asyncio.to_thread(remember, source, self._cache)
+        except OSError as exc:
+            logger.warning("could not update the model cache: %s", one_line(exc))
 
     def _serve(self, loaded: LoadedModel) -> None:
         self._loaded = loaded  # requests prepared earlier keep their own forecaster
@@ -171,16 +258,48 @@ class KronosRuntime(MLModel):
         logger.info("serving %s version %s", loaded.source.requested, loaded.version)
 
     async def _poll_alias(self) -> None:
-        """Swap to the alias' new version whenever it moves (KRONOS_ALIAS_POLL_S)."""
+        """Swap to the alias' new version whenever it moves (KRONOS_ALIAS_POLL_S).
+
+        A check is one registry call bounded by `ServingSettings.registry_limits` (it fits
+        in one interval), so after an outage the first check that gets an answer sees a
+        moved alias: a promotion is served within two intervals plus its load time. Every
+        check is counted; a run of failed ones logs one WARNING, its end one INFO.
+        """
+        uri, interval = self.config.model_uri, self.config.alias_poll_s
         while True:
-            await asyncio.sleep(self.config.alias_poll_s)
+            await asyncio.sleep(interval)
             current = self._loaded
+            served = f"keeps serving version {current.version}" if current is not None else "nothing served"
             try:
-                source = await asyncio.to_thread(resolve_uri, self.config.model_uri)
-                if current is not None and source.version != current.version:
-                    self._serve(await self._load(self.config.model_uri))
-            except Exception:  # keep serving the current version
-                logger.exception("alias poll of %s failed", self.config.model_uri)
+                source = await asyncio.to_thread(resolve_uri, uri)
+            except Exception as exc:  # keep serving the current version
+                cause = unreachable_cause(exc)
+                consequence = f"{served}, checks every {interval:g} s"
+                self._registry.failed(cause or one_line(exc), reachable=cause is None, consequence=consequence)
+                continue
+            recovered = self._registry.ok() is not None
+            if current is None:
+                continue
+            if source.version == current.version and source.identity == current.source.identity:
+                if recovered:  # the cached alias record is confirmed
+                    await self._remember(source)
+                continue
+            logger.info(
+                "%s moved from version %s to %s (successful check %d of this worker); loading it",
+                uri,
+                current.version,
+                source.version,
+                self._registry.ok_checks,
+            )
+            try:
+                self._serve(await self._load(uri, source))
+            except Exception as exc:
+                cause = unreachable_cause(exc)
+                if cause is None:
+                    logger.exception("could not load %s version %s; %s", uri, source.version, served)
+                else:
+                    consequence = f"could not download version {source.version}, {served}"
+                    self._registry.failed(cause, reachable=False, consequence=consequence)
 
     async def unload(self) -> bool:
         """Stop polling; queued and running requests finish in the background."""

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +113,20 @@ class HttpProcess(LocalProcess):
     url: str
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout_s: float = 240) -> HttpProcess:
-    """`mlflow server` on a free 127.0.0.1 port with a backend store and proxied artifacts,
-    healthy (`/health`) within `timeout_s`."""
-    port = free_port()
+def start_mlflow_server(
+    backend_uri: str,
+    artifacts: Path,
+    log: Path,
+    timeout_s: float = 240,
+    extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    port: int | None = None,
+) -> HttpProcess:
+    """`mlflow server` on 127.0.0.1:`port` (default: a free port; a fixed one lets a test
+    stop the server and start it again at the same URL) with a backend store and proxied artifacts,
+    healthy (`/health`) within `timeout_s`; `extra_args` (e.g. `--app-name kronos-auth`) and
+    `extra_env` go to the server as well."""
+    port = port or free_port()
     command = [
         venv_script("mlflow"),
         "server",
@@ -130,13 +140,14 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout_s:
         str(port),
         "--workers",
         "1",
+        *extra_args,
     ]
     url = f"http://127.0.0.1:{port}"
     process = start_process(
         command,
         log,
         lambda: http_ok(f"{url}/health", timeout_s=2),
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})},
         timeout_s=timeout_s,
         what="mlflow server",
     )

@@ -11,6 +11,9 @@
   cancellation when a REST client disconnects.
 - `workers`: cancellation carried into the inference worker, clean error messages, every
   request of a gRPC stream answered.
+- `availability`: a dead or restarting worker means 503 + Retry-After and readiness
+  false, one log line per event, counters that survive the worker, restarts retried.
+- `answers`: every inference answer counted in the main process (`kronos_answers_total`).
 - `labels`: no metric series for made-up model names.
 - `startup`: exit status 1 when the models cannot load at start-up.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import grpc_input, http_input, labels, startup, status, workers
+from . import answers, availability, grpc_input, http_input, labels, startup, status, workers
 
 # Logging: MLflow configures its own stderr handler unless told not to, and draws progress
 # bars; both would bypass the JSON log format (settings.json `logging_settings`).
@@ -40,5 +43,7 @@ def install(retry_after_s: int = 2) -> None:
     grpc_input.install()
     http_input.install()
     workers.install()
+    availability.install()
+    answers.install()
     labels.install()
     startup.install()

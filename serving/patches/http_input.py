@@ -12,6 +12,7 @@ extension, and cancellation when the client goes away.
 - Cancellation: inference routes read the whole body, then watch the connection; when the
   client disconnects before the answer, the request's task is cancelled, which cancels it
   in the worker too (see `workers`), so its series leave generation at the next step.
+- Every answer of an inference route is counted (`answers`), cancelled ones included.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import mlserver.rest.server as rest_server
 import numpy as np
 
 from ..logs import current_request_id, well_formed_request_id
+from . import answers
 from .grpc_input import NUMPY_DTYPES
 from .status import log_answer
 
@@ -87,17 +89,28 @@ class KronosHTTPMiddleware:
         if scope.get("method") != "POST" or not INFERENCE_PATH.match(scope.get("path", "")):
             await self.app(scope, receive, send_with_id)
             return
-        body, disconnected = await _read_body(receive)
-        if disconnected:
-            return
-        if _header(scope, BINARY_HEADER) is not None:
-            try:
-                body = binary_to_json(scope, body)
-            except BadBodyError as exc:
-                log_answer(400, str(exc))
-                await _answer_400(send_with_id, str(exc))
+        opened = answers.begin()
+        answered: list[int] = []
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answered.append(int(message["status"]))
+            await send_with_id(message)
+
+        try:
+            body, disconnected = await _read_body(receive)
+            if disconnected:
                 return
-        await _run_until_disconnect(self.app, scope, body, receive, send_with_id)
+            if _header(scope, BINARY_HEADER) is not None:
+                try:
+                    body = binary_to_json(scope, body)
+                except BadBodyError as exc:
+                    log_answer(400, str(exc))
+                    await _answer_400(send_counted, str(exc))
+                    return
+            await _run_until_disconnect(self.app, scope, body, receive, send_counted)
+        finally:
+            answers.finish("rest", opened, answers.outcome_for_status(answered[0] if answered else None))
 
 
 def normalise_request_id(scope: Scope) -> bytes:

@@ -65,6 +65,11 @@ def install(retry_after_s: int) -> None:
     rest_errors.Response = RetryAfterResponse
 
 
+def retry_after_s() -> int:
+    """The Retry-After (seconds) every 503 carries."""
+    return _retry_after_s
+
+
 def validation_message(exc: RequestValidationError) -> str:
     """`<field>: <rule>` for the first problem FastAPI found in a request body."""
     errors = exc.errors()
@@ -111,7 +116,14 @@ def is_client_side(exc: BaseException | None) -> bool:
 
 class RelayedError(MLServerError):
     """A client-side error raised in the worker, relayed with its own message and status
-    (the runtime logged it there already)."""
+    (the runtime logged it there already), and the runtime's outcome for it
+    (`serving.metrics.OUTCOMES`; None: the status says it)."""
+
+    def __init__(self, msg: str, status_code: int = 400, outcome: str | None = None) -> None:
+        # defaults: unpickling calls the class with the message only, then restores the
+        # attributes (the worker -> main process hop)
+        super().__init__(msg, status_code)
+        self.outcome = outcome
 
 
 def is_relayed(exc: BaseException | None) -> bool:

@@ -13,6 +13,10 @@ streams.
   runtime logs the request as one line); other errors keep their traceback.
 - Streams: `ModelStreamInfer` (gRPC) sends several requests on one call; MLServer answers
   only the first. Every request of the stream gets its answer, in order.
+- Metadata: asked from the worker every time (MLServer cached the first answer, which
+  named the old version after an alias-poll swap).
+- Dispatch: only to workers in rotation (see `availability`); the outcome of every call is
+  recorded for `kronos_answers_total` (see `answers`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import logging
 from collections.abc import AsyncIterator
 
 from mlserver.context import model_context
-from mlserver.errors import MLServerError
+from mlserver.errors import InferenceError, MLServerError
 from mlserver.parallel import dispatcher, worker
-from mlserver.parallel.errors import WorkerError
+from mlserver.parallel.errors import WorkerError, WorkerStop
 from mlserver.parallel.messages import ModelRequestMessage, ModelResponseMessage
 from mlserver.parallel.model import ParallelModel
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse
 
+from . import answers
+from .availability import WorkerUnavailableError, next_worker, unavailable
 from .status import RelayedError, is_client_side
 
 CANCEL_METHOD = "__kronos_cancel__"
@@ -53,16 +59,24 @@ def install() -> None:
     dispatcher.AsyncResponses.resolve = resolve
     worker.Worker._process_request = process_request  # noqa: SLF001
     ParallelModel.predict_stream = predict_stream
+    ParallelModel.metadata = metadata
     setattr(dispatcher.Dispatcher, _PATCHED, True)
 
 
 async def dispatch_request(self: dispatcher.Dispatcher, request_message: ModelRequestMessage) -> ModelResponseMessage:
-    """MLServer's round-robin dispatch, plus a cancel message when the caller gives up."""
-    chosen, _ = self._get_worker()  # noqa: SLF001
+    """MLServer's round-robin dispatch over the workers in rotation (503 when none is, or
+    when the worker dies under the request), a cancel message when the caller gives up,
+    and the outcome recorded for `kronos_answers_total`."""
+    try:
+        chosen = next_worker(self)
+    except WorkerUnavailableError:
+        answers.record("unavailable")
+        raise
     chosen.send_request(request_message)
     try:
-        return await self._async_responses.schedule_and_wait(request_message, chosen)  # noqa: SLF001
+        response = await self._async_responses.schedule_and_wait(request_message, chosen)  # noqa: SLF001
     except asyncio.CancelledError:
+        answers.record("cancelled")
         chosen.send_request(
             ModelRequestMessage(
                 model_name=request_message.model_name,
@@ -72,6 +86,14 @@ async def dispatch_request(self: dispatcher.Dispatcher, request_message: ModelRe
             )
         )
         raise
+    except WorkerStop:  # the worker died with this request in flight
+        answers.record("unavailable")
+        raise unavailable(self) from None
+    except MLServerError as exc:
+        answers.record(getattr(exc, "outcome", None) or answers.outcome_for_status(exc.status_code))
+        raise
+    answers.record("ok")
+    return response
 
 
 async def process_request(self: worker.Worker, request: ModelRequestMessage) -> ModelResponseMessage:
@@ -91,11 +113,12 @@ async def process_request(self: worker.Worker, request: ModelRequestMessage) -> 
             value = await method(*request.method_args, **request.method_kwargs)
         return ModelResponseMessage(id=request.id, return_value=value)
     except asyncio.CancelledError:
-        return ModelResponseMessage(id=request.id, exception=RelayedError("request cancelled", 499))
+        return ModelResponseMessage(id=request.id, exception=RelayedError("request cancelled", 499, "cancelled"))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
         if is_client_side(exc):
             assert isinstance(exc, MLServerError)
-            return ModelResponseMessage(id=request.id, exception=RelayedError(str(exc), exc.status_code))
+            relayed = RelayedError(str(exc), exc.status_code, getattr(exc, "outcome", None))
+            return ModelResponseMessage(id=request.id, exception=relayed)
         logger.exception("calling %r of model %r failed", request.method_name, request.model_name)
         return ModelResponseMessage(id=request.id, exception=WorkerError(exc))
     finally:
@@ -108,3 +131,12 @@ async def predict_stream(
     """One answer per request of the stream, in order."""
     async for payload in payloads:
         yield await self.predict(payload)
+
+
+async def metadata(self: ParallelModel) -> MetadataModelResponse:
+    """The worker's metadata, asked every time: MLServer kept the first answer in the main
+    process, which then named the old version after an alias-poll swap or a restart."""
+    response = await self._send("metadata")  # noqa: SLF001
+    if not isinstance(response, MetadataModelResponse):
+        raise InferenceError(f"Model '{self.name}' returned no metadata")
+    return response

@@ -136,10 +136,15 @@ def compose_file_references(compose_file: Path) -> list[str]:
     return references
 
 
-def missing_compose_files(compose_file: Path) -> list[str]:
-    """Referenced host paths that do not exist."""
+def missing_compose_files(compose_file: Path, operator_files: tuple[str, ...] = ()) -> list[str]:
+    """Referenced host paths that do not exist, except those under `operator_files`
+    prefixes (files each deployment creates itself, such as ./secrets/)."""
     base = compose_file.parent
-    return [ref for ref in compose_file_references(compose_file) if not (base / Path(ref).expanduser()).exists()]
+    return [
+        ref
+        for ref in compose_file_references(compose_file)
+        if not ref.startswith(operator_files) and not (base / Path(ref).expanduser()).exists()
+    ]
 
 
 def compose_variables(compose_file: Path) -> set[str]:
@@ -218,3 +223,68 @@ def default_mismatches(compose_files: list[Path], env_example: Path) -> list[str
                     f"{env_example.name} says {values[name]!r}"
                 )
     return problems
+
+
+# Variables that hold a registry credential: only their *_FILE form (a compose secret) may
+# appear in the stack's environment.
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+SECRETS_DIR = "/run/secrets/"
+
+
+def _is_credential(name: str) -> bool:
+    return name in CREDENTIAL_VARIABLES or (name.startswith("KRONOS_AUTH_") and name.endswith("_PASSWORD"))
+
+
+def _mounted_secrets(service: dict[str, Any]) -> set[str]:
+    return {item if isinstance(item, str) else item["source"] for item in service.get("secrets", [])}
+
+
+def _command_lines(service: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in ("command", "entrypoint"):
+        value = service.get(key)
+        if value:
+            lines.append(value if isinstance(value, str) else " ".join(map(str, value)))
+    test = (service.get("healthcheck") or {}).get("test")
+    if test:
+        lines.append(test if isinstance(test, str) else " ".join(map(str, test)))
+    return lines
+
+
+def credential_problems(config: dict[str, Any], secret_values: list[str]) -> list[str]:
+    """In a resolved compose config (`docker-compose config`): registry credentials that are
+    plain variables instead of *_FILE secrets, *_FILE paths naming a secret the service does
+    not mount or the file does not define, and passwords (the word or a known value) on a
+    command line or in a healthcheck."""
+    defined = set((config.get("secrets") or {}).keys())
+    problems = []
+    for name, service in sorted((config.get("services") or {}).items()):
+        environment = service.get("environment") or {}
+        mounted = _mounted_secrets(service)
+        for variable, value in sorted(environment.items()):
+            if _is_credential(variable):
+                problems.append(f"{name}: {variable} is a plain variable (use {variable}_FILE and a secret)")
+            if isinstance(value, str) and value.startswith(SECRETS_DIR):
+                secret = value[len(SECRETS_DIR) :]
+                if secret not in mounted:
+                    problems.append(f"{name}: {variable} names secret {secret!r}, which the service does not mount")
+                if secret not in defined:
+                    problems.append(f"{name}: {variable} names secret {secret!r}, which the file does not define")
+        for line in _command_lines(service):
+            lowered = line.lower()
+            if "password" in lowered or any(value and value in line for value in secret_values):
+                problems.append(f"{name}: a password on the command line: {line[:80]!r}")
+    return problems
+
+
+def secrets_recipe(compose_file: Path) -> str:
+    """The shell command the compose file's header comment gives to create its secret files:
+    the `#   ` lines after "Create the missing ones once"."""
+    lines = compose_file.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "Create the missing ones once" in line) + 1
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        recipe.append(line[4:])
+    return "\n".join(recipe)

@@ -20,13 +20,17 @@ import yaml
 from deploy_checks import (
     compose_file_references,
     compose_variables,
+    credential_problems,
     default_mismatches,
     dockerfile_copy_sources,
     dockerfile_instructions,
+    dockerignore_patterns,
     documented_variables,
+    env_values,
     is_dockerignored,
     missing_compose_files,
     missing_copy_sources,
+    secrets_recipe,
     variable_problems,
 )
 
@@ -171,7 +175,8 @@ def test_image_checks_that_the_demo_model_is_installed_and_readable() -> None:
 
 def test_the_images_install_carries_the_demo_weights(tmp_path: Path) -> None:
     """Build the wheel the builder stage installs (`pip install /src[serving]`) from the
-    files its COPY instructions take: the demo checkpoints are package data in it."""
+    files its COPY instructions take: the demo checkpoints are package data in it, and the
+    kronos-auth MLflow app is an entry point of it."""
     from model_package.demo import DEMO_DIR, demo_checkpoints
 
     context = tmp_path / "src"
@@ -207,6 +212,10 @@ def test_the_images_install_carries_the_demo_weights(tmp_path: Path) -> None:
         if path.suffix in {".json", ".md", ".safetensors"}
     }
     assert checkpoints <= shipped <= names, sorted(shipped - names)
+    # the image's `mlflow server --app-name kronos-auth` finds the app through this entry point
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[mlflow.app]\nkronos-auth = registry_scripts.auth_app:create_app" in text
 
 
 def test_dockerignore_rules() -> None:
@@ -254,6 +263,7 @@ def test_stack_services_networks_healthchecks_limits() -> None:
     assert set(services) == {
         "postgres",
         "mlflow",
+        "auth-setup",
         "register",
         "kronos",
         "gateway",
@@ -264,7 +274,7 @@ def test_stack_services_networks_healthchecks_limits() -> None:
     assert config["networks"]["serving"]["internal"] is True
     assert config["networks"]["monitoring"]["internal"] is True
     for name, service in services.items():
-        if name == "register":
+        if name in ("auth-setup", "register"):  # one-shot jobs
             assert service["restart"] == "no"
             continue
         assert service["restart"] == "unless-stopped", name
@@ -279,6 +289,8 @@ def test_stack_services_networks_healthchecks_limits() -> None:
     kronos_deps = services["kronos"]["depends_on"]
     assert kronos_deps["register"]["condition"] == "service_completed_successfully"
     assert kronos_deps["mlflow"]["condition"] == "service_healthy"
+    assert services["register"]["depends_on"]["auth-setup"]["condition"] == "service_completed_successfully"
+    assert services["auth-setup"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert services["gateway"]["depends_on"]["kronos"]["condition"] == "service_healthy"
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
@@ -385,7 +397,10 @@ def test_register_job_offline_registers_the_demo_model_with_the_real_cli(tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HF_", "KRONOS_"))}
     env.update(compose_environment)
+    password = tmp_path / "mlflow_manager_password"  # the job's secret (sqlite ignores it)
+    password.write_text("manager-password-1\n")
     env.update(
+        MLFLOW_TRACKING_PASSWORD_FILE=str(password),
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
         MLFLOW_TRACKING_URI=uri,
         HF_HUB_OFFLINE="1",
@@ -420,7 +435,7 @@ def test_every_mounted_config_exists() -> None:
     for compose_file in (COMPOSE, COMPOSE_DEV):
         references = compose_file_references(compose_file)
         assert references, compose_file
-        assert missing_compose_files(compose_file) == [], compose_file
+        assert missing_compose_files(compose_file, operator_files=("./secrets/",)) == [], compose_file
     references = set(compose_file_references(COMPOSE))
     assert {
         "./serving/monitoring/prometheus.yml",
@@ -451,6 +466,119 @@ def test_monitoring_mounts_match_the_paths_the_configs_expect() -> None:
     grafana_targets = set(_mounts(services["grafana"]))
     assert providers["providers"][0]["options"]["path"] in grafana_targets
     assert "/etc/grafana/provisioning" in grafana_targets
+
+
+# ------------------------------------------------------------------------- registry authentication
+
+
+def _example_passwords() -> list[str]:
+    """The example passwords of .env.example (what a leaked password would contain)."""
+    return [value for name, value in env_values(ENV_EXAMPLE).items() if "PASSWORD" in name and value]
+
+
+def test_mlflow_runs_the_kronos_auth_app() -> None:
+    """The server runs `--app-name kronos-auth`, which the project registers as an
+    `mlflow.app` entry point (the image installs the project, so it has it too)."""
+    import importlib.metadata
+    import tomllib
+
+    from registry_scripts import auth_app
+
+    mlflow = _resolved(COMPOSE)["services"]["mlflow"]
+    command = mlflow["command"]
+    assert command[command.index("--app-name") + 1] == "kronos-auth"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["mlflow.app"]
+    assert declared == {"kronos-auth": "registry_scripts.auth_app:create_app"}
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="mlflow.app")}
+    assert installed["kronos-auth"] == declared["kronos-auth"], "rerun pip install -e . (entry points)"
+    assert callable(auth_app.create_app)
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"] == "/run/secrets/mlflow_admin_password"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"] == "/run/secrets/mlflow_flask_secret_key"
+    assert env["KRONOS_AUTH_MANAGED_ALIASES"] == "champion"
+    # the healthcheck needs no credentials: MLflow's auth leaves /health open
+    assert "http://127.0.0.1:5000/health" in " ".join(mlflow["healthcheck"]["test"])
+
+
+def test_each_service_authenticates_as_its_role() -> None:
+    """Model servers read (serving account), `register` promotes (manager), `auth-setup`
+    provisions (admin); names agree between the jobs and with auth_setup's defaults."""
+    from registry_scripts.auth_setup import AccountSettings
+
+    services = _resolved(COMPOSE)["services"]
+    kronos, register, setup = (services[n]["environment"] for n in ("kronos", "register", "auth-setup"))
+    assert (kronos["MLFLOW_TRACKING_USERNAME"], kronos["MLFLOW_TRACKING_PASSWORD_FILE"]) == (
+        setup["KRONOS_AUTH_SERVING_USER"],
+        setup["KRONOS_AUTH_SERVING_PASSWORD_FILE"],
+    )
+    assert (register["MLFLOW_TRACKING_USERNAME"], register["MLFLOW_TRACKING_PASSWORD_FILE"]) == (
+        setup["KRONOS_AUTH_MANAGER_USER"],
+        setup["KRONOS_AUTH_MANAGER_PASSWORD_FILE"],
+    )
+    server = services["mlflow"]["environment"]
+    assert setup["MLFLOW_TRACKING_USERNAME"] == server["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert setup["MLFLOW_TRACKING_PASSWORD_FILE"] == server["MLFLOW_AUTH_ADMIN_PASSWORD_FILE"]
+    assert services["auth-setup"]["command"] == ["kronos-registry", "auth-setup"]
+    defaults = AccountSettings()
+    assert (defaults.serving_user, defaults.scientist_user, defaults.manager_user) == (
+        setup["KRONOS_AUTH_SERVING_USER"],
+        setup["KRONOS_AUTH_SCIENTIST_USER"],
+        setup["KRONOS_AUTH_MANAGER_USER"],
+    )
+    assert len({kronos["MLFLOW_TRACKING_PASSWORD_FILE"], register["MLFLOW_TRACKING_PASSWORD_FILE"]}) == 2
+
+
+def test_registry_credentials_are_secrets_never_variables_or_arguments() -> None:
+    for files in ((COMPOSE,), (COMPOSE, COMPOSE_DEV)):
+        assert credential_problems(_resolved(*files), _example_passwords()) == [], files
+
+
+def test_credential_checker_catches_leaks() -> None:
+    import copy
+
+    leaky = copy.deepcopy(_resolved(COMPOSE))
+    services = leaky["services"]
+    services["auth-setup"]["command"] = ["kronos-registry", "auth-setup", "--admin-password", "x"]
+    services["gateway"]["healthcheck"]["test"] = ["CMD", "curl", "-u", "admin:change-me", "http://x"]
+    services["kronos"]["environment"]["MLFLOW_TRACKING_PASSWORD"] = "inline"
+    services["register"]["secrets"] = []
+    assert credential_problems(leaky, _example_passwords()) == [
+        "auth-setup: a password on the command line: 'kronos-registry auth-setup --admin-password x'",
+        "gateway: a password on the command line: 'CMD curl -u admin:change-me http://x'",
+        "kronos: MLFLOW_TRACKING_PASSWORD is a plain variable (use MLFLOW_TRACKING_PASSWORD_FILE and a secret)",
+        "register: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_manager_password', "
+        "which the service does not mount",
+    ]
+    del leaky["secrets"]["mlflow_serving_password"]
+    assert credential_problems(leaky, [])[-2:] == [
+        "kronos: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_serving_password', which the file does not define",
+        "register: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_manager_password', "
+        "which the service does not mount",
+    ]
+
+
+def test_the_documented_recipe_creates_every_secret_file_once(tmp_path: Path) -> None:
+    """The command in docker-compose.yml's header makes each file the `secrets:` section
+    names (readable by the containers' user, in a 700 directory) and keeps existing ones."""
+    config = yaml.safe_load(COMPOSE.read_text())
+    files = sorted(item["file"] for item in config["secrets"].values())
+    assert files and all(f.startswith("./secrets/") for f in files)
+    recipe = secrets_recipe(COMPOSE)
+    assert recipe.startswith("mkdir")
+    subprocess.run(["sh", "-c", recipe], cwd=tmp_path, check=True, timeout=60)
+    first = {}
+    for name in files:
+        path = tmp_path / name
+        first[name] = path.read_text()
+        assert len(first[name].strip()) >= 12, name  # MLflow's minimum password length
+        assert path.stat().st_mode & 0o777 == 0o644, name
+    assert (tmp_path / "secrets").stat().st_mode & 0o777 == 0o700
+    subprocess.run(["sh", "-c", recipe], cwd=tmp_path, check=True, timeout=60)
+    assert {name: (tmp_path / name).read_text() for name in files} == first
+    # never committed, never sent to the image build
+    ignored = subprocess.run(["git", "check-ignore", "-q", "secrets/mlflow_admin_password"], cwd=ROOT, timeout=30)
+    assert ignored.returncode == 0
+    assert is_dockerignored("secrets/mlflow_admin_password", dockerignore_patterns(ROOT))
 
 
 # ------------------------------------------------------------------------- variables

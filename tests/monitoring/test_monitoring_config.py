@@ -33,7 +33,15 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
 # The serving runtime's metric contract (kronos_* from the MLServer worker), Prometheus'
 # own `up`, and the gateway exporter's series.
-RUNTIME_COUNTERS = {"kronos_requests_total", "kronos_generated_candles_total", "kronos_abandoned_series_total"}
+RUNTIME_COUNTERS = {
+    "kronos_requests_total",
+    "kronos_generated_candles_total",
+    "kronos_abandoned_series_total",
+    # MLServer's main process (serving.server_metrics)
+    "kronos_answers_total",
+    "kronos_worker_restarts_total",
+    "kronos_registry_checks_total",
+}
 RUNTIME_HISTOGRAMS = {
     "kronos_request_seconds",
     "kronos_queue_wait_seconds",
@@ -54,6 +62,8 @@ RUNTIME_GAUGES = {
     "kronos_ready",
     "kronos_last_progress_timestamp_seconds",
     "kronos_worker_resident_memory_bytes",
+    "kronos_ready_workers",  # MLServer's main process
+    "kronos_registry_up",
 }
 RUNTIME_SERIES = (
     RUNTIME_COUNTERS | RUNTIME_GAUGES | {f"{h}{s}" for h in RUNTIME_HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
