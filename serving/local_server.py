@@ -295,6 +295,17 @@ class LocalServer(LocalProcess):
         """The Prometheus endpoint."""
         return f"http://{LOCALHOST}:{self.metrics_port}/metrics"
 
+    def worker_pids(self) -> set[int]:
+        """MLServer's inference worker processes (spawned children of the server, not
+        multiprocessing's resource tracker); empty while none runs."""
+        pids = set()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if "spawn_main" in " ".join(child.cmdline()):
+                        pids.add(child.pid)
+        return pids
+
     def ready(self) -> bool:
         """`/v2/health/ready` answers 200."""
         return http_ok(f"{self.url}/v2/health/ready", timeout_s=10)

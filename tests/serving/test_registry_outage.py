@@ -9,18 +9,15 @@ import json
 import os
 import re
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import mlflow
-import psutil
 import pytest
 from mlflow import MlflowClient
-from serving_helpers import TINY_MAX_CONTEXT, Server, history, metric_value, start_server
+from serving_helpers import TINY_MAX_CONTEXT, Server, history, metric_value, start_server, wait_for
 from support import HttpProcess, start_mlflow_server
 
 from model_package.log_model import log_kronos_model
@@ -29,10 +26,8 @@ from serving.local_server import MODEL_NAME, free_port, http_ok, tracking_uri
 
 pytestmark = pytest.mark.integration
 
-WAIT_S = 180.0  # bound of every wait below (a busy machine restarts a worker slowly)
 POLL_S = "1"  # KRONOS_ALIAS_POLL_S of the servers under test
 FRAME = history(["R"], seed=5)
-T = TypeVar("T")
 
 
 @dataclass
@@ -95,16 +90,6 @@ def registry(serving_registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
         running.stop()
 
 
-def wait_for(condition: Callable[[], T], what: str, timeout_s: float = WAIT_S, poll_s: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
-        time.sleep(poll_s)
-
-
 def served_version(server: Server, client: httpx.Client) -> str | None:
     """The model version a forecast comes from; None for any other answer (no worker)."""
     try:
@@ -112,18 +97,6 @@ def served_version(server: Server, client: httpx.Client) -> str | None:
     except httpx.HTTPError:
         return None
     return reply.json()["parameters"]["model_version"] if reply.status_code == 200 else None
-
-
-def worker_pids(server: Server) -> set[int]:
-    """MLServer's inference workers (spawned processes; not multiprocessing's resource tracker)."""
-    pids = set()
-    for child in psutil.Process(server.process.pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
 
 
 def messages(server: Server | Path) -> list[str]:
@@ -152,10 +125,10 @@ def test_a_killed_worker_serves_the_cached_version_while_the_registry_is_down(re
         with httpx.Client(timeout=60) as client:
             assert served_version(server, client) == "1"
             registry.stop()
-            (old,) = worker_pids(server)
+            (old,) = server.worker_pids()
             os.kill(old, signal.SIGKILL)
             wait_for(lambda: served_version(server, client) == "1", "the restarted worker to serve version 1")
-            assert worker_pids(server) - {old}
+            assert server.worker_pids() - {old}
 
             cached = [m for m in messages(server) if "serving cached kronos version 1 (resolved at" in m]
             assert len(cached) == 1, cached

@@ -15,15 +15,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import httpx
-import psutil
 import pytest
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
-from serving_helpers import Server, grpc_request, history, metric_value, start_server, v2_request
+from serving_helpers import Server, grpc_request, history, metric_value, start_server, v2_request, wait_for
 
 pytestmark = pytest.mark.integration
 
 PARAMS = {"pred_len": 2, "top_k": 1}
-WAIT_S = 180.0  # bound of every wait below (a busy machine restarts a worker slowly)
 
 
 @dataclass
@@ -76,28 +74,6 @@ def grpc_client(server: Server, tally: Tally, stop: threading.Event) -> None:
             time.sleep(0.02)
 
 
-def worker_pids(server: Server) -> set[int]:
-    """MLServer's inference workers (spawned processes; not multiprocessing's resource tracker)."""
-    pids = set()
-    for child in psutil.Process(server.process.pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()):
-                pids.add(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
-
-
-def wait_for(condition, what: str, timeout_s: float = WAIT_S, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
-        time.sleep(poll_s)
-
-
 def status(server: Server, path: str) -> httpx.Response:
     return httpx.get(f"{server.url}{path}", timeout=30)
 
@@ -138,11 +114,11 @@ def test_a_killed_worker_gives_503s_not_ready_and_counted_answers(dying_server):
         wait_for(lambda: tally.outcomes[("rest", "ok")] >= 3 and tally.outcomes[("grpc", "ok")] >= 1, "answers")
         before = server.metrics()
         log_start = len(server.log.read_text(errors="replace"))
-        (old,) = worker_pids(server)
+        (old,) = server.worker_pids()
         os.kill(old, signal.SIGKILL)
         # hold the restart: stop the new worker before it can load the model, so that the
         # test sees the outage for sure (the clients keep sending all along)
-        new = wait_for(lambda: worker_pids(server) - {old}, "a new worker process", poll_s=0.01).pop()
+        new = wait_for(lambda: server.worker_pids() - {old}, "a new worker process", poll_s=0.01).pop()
         os.kill(new, signal.SIGSTOP)
         try:
             ready = status(server, "/v2/health/ready")
@@ -215,7 +191,7 @@ def test_a_restarted_worker_that_cannot_load_is_restarted_until_it_can(dying_ser
     restarts = metric_value(server.metrics(), "kronos_worker_restarts_total")
     try:
         serving_registry.set_champion(str(broken.version))
-        (old,) = worker_pids(server)
+        (old,) = server.worker_pids()
         os.kill(old, signal.SIGKILL)
         wait_for(
             lambda: any("could not load its models" in r.get("message", "") for r in log_records(server, log_start)),
