@@ -54,23 +54,25 @@ from .errors import (
 )
 from .loader import (
     LoadedModel,
-    RegistryHealth,
     RegistryUnavailableError,
     ResolvedUri,
-    apply_registry_limits,
     fetch,
     is_registry_uri,
     load_model,
     locate,
-    one_line,
     open_cache,
     remember,
     resolve_uri,
-    unreachable_cause,
 )
 from .logs import REQUEST_ID_HEADER, configure_json_logging, log_request, request_id_from
 from .metrics import KronosMetrics, rss_bytes
 from .model_cache import ModelCache
+from .registry_health import (
+    RegistryHealth,
+    apply_registry_limits,
+    one_line,
+    unreachable_cause,
+)
 from .settings import ServingSettings, check_server_environment
 from .v2 import pop_timeout, request_frame, request_params, response
 from .warmup import warmup_history

@@ -21,17 +21,19 @@ import pytest
 from mlflow import MlflowClient
 
 from serving.loader import (
-    RegistryHealth,
     RegistryUnavailableError,
-    apply_registry_limits,
     load_model,
     locate,
     remember,
     resolve_uri,
-    unreachable_cause,
 )
 from serving.local_server import free_port, tracking_uri
 from serving.model_cache import HOST_TAG, ModelCache, VersionIdentity, work_prefix
+from serving.registry_health import (
+    RegistryHealth,
+    apply_registry_limits,
+    unreachable_cause,
+)
 from serving.settings import RegistryLimits, ServingSettings
 
 REGISTRY = "http://registry.example:5000"
