@@ -114,14 +114,20 @@ def test_a_killed_worker_gives_503s_not_ready_and_counted_answers(dying_server):
         wait_for(lambda: tally.outcomes[("rest", "ok")] >= 3 and tally.outcomes[("grpc", "ok")] >= 1, "answers")
         before = server.metrics()
         log_start = len(server.log.read_text(errors="replace"))
-        (old,) = server.worker_pids()
-        os.kill(old, signal.SIGKILL)
-        # hold the restart: stop the new worker before it can load the model, so that the
-        # test sees the outage for sure (the clients keep sending all along)
-        new = wait_for(lambda: server.worker_pids() - {old}, "a new worker process", poll_s=0.01).pop()
-        os.kill(new, signal.SIGSTOP)
-        try:
+        killed: list[int] = []
+        for _ in range(3):  # a test process starved for seconds may stop the new worker too late
+            (old,) = server.worker_pids()
+            os.kill(old, signal.SIGKILL)
+            killed.append(old)
+            # hold the restart: stop the new worker before it can load the model, so that
+            # the test sees the outage for sure (the clients keep sending all along)
+            new = wait_for(lambda dead=old: server.worker_pids() - {dead}, "a new worker", poll_s=0.01).pop()
+            os.kill(new, signal.SIGSTOP)
             ready = status(server, "/v2/health/ready")
+            if ready.status_code == 503:
+                break
+            os.kill(new, signal.SIGCONT)  # it was serving already: kill it again
+        try:
             assert ready.status_code == 503 and ready.headers["retry-after"], ready
             model_ready = status(server, "/v2/models/kronos/ready")
             assert model_ready.status_code == 503, model_ready
@@ -151,7 +157,7 @@ def test_a_killed_worker_gives_503s_not_ready_and_counted_answers(dying_server):
         counted_before = metric_value(before, "kronos_answers_total", protocol=protocol, outcome=outcome)
         assert counted - counted_before <= seen, (protocol, outcome, counted, counted_before, seen)
     assert metric_value(after, "kronos_answers_total", outcome="error") == 0
-    assert metric_value(after, "kronos_worker_restarts_total") == 1
+    assert metric_value(after, "kronos_worker_restarts_total") == len(killed)
     assert metric_value(after, "kronos_ready_workers") == 1
     # the dead worker's counters are kept: the runtime's totals did not go backwards
     assert metric_value(after, "kronos_requests_total", outcome="ok") >= metric_value(
@@ -165,11 +171,14 @@ def test_a_killed_worker_gives_503s_not_ready_and_counted_answers(dying_server):
     unavailable_seen = tally.outcomes[("rest", "unavailable")] + tally.outcomes[("grpc", "unavailable")]
     assert not [r for r in records if "Traceback" in json.dumps(r)], records[:20]
     warnings = [r for r in records if r.get("level") in ("WARNING", "ERROR", "CRITICAL", "RAW")]
-    assert len(warnings) == 1 and f"inference worker {old} killed by SIGKILL" in warnings[0]["message"], warnings
+    # one WARNING per killed worker, one INFO when a new one serves
+    assert [r["message"].split(" with ")[0] for r in warnings] == [
+        f"inference worker {pid} killed by SIGKILL" for pid in killed
+    ], warnings
     back = [r for r in records if "serves again" in r.get("message", "")]
-    assert len(back) == 1, records
+    assert len(back) == len(killed), records
     # bounded: the event's lines do not grow with the number of failed requests
-    assert len(records) < 60, (len(records), unavailable_seen)
+    assert len(records) < 60 * len(killed), (len(records), unavailable_seen)
 
 
 def test_metadata_names_the_served_version_after_a_restart(dying_server, serving_registry):
