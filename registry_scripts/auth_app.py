@@ -95,11 +95,14 @@ def install_rules(auth: Any, settings: ServerAuthSettings) -> list[tuple[str, st
     from mlflow.protos import model_registry_pb2 as registry
     from mlflow.server.handlers import get_service_endpoints
 
-    alias_only = {registry.SetRegisteredModelAlias: True, registry.DeleteRegisteredModelAlias: True}
-    always = dict.fromkeys(
-        (registry.RenameRegisteredModel, registry.SetRegisteredModelTag, registry.DeleteRegisteredModelTag), False
-    )
-    rules = alias_only | always
+    # request class -> whether only managed aliases need MANAGE (False: every request does)
+    rules: dict[type, bool] = {
+        registry.SetRegisteredModelAlias: True,
+        registry.DeleteRegisteredModelAlias: True,
+        registry.RenameRegisteredModel: False,
+        registry.SetRegisteredModelTag: False,
+        registry.DeleteRegisteredModelTag: False,
+    }
     endpoints = get_service_endpoints(registry.ModelRegistryService, lambda cls: cls)
     missing = {cls.__name__ for cls in rules} - {cls.__name__ for _, cls, _ in endpoints}
     if missing or not hasattr(auth, "_get_permission_from_registered_model_or_prompt_name"):
