@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Response, status
@@ -67,7 +67,6 @@ class Availability:
     outage_cause: str = ""
     unavailable_answers: int = 0  # 503s given during the current outage
     failed_starts: int = 0  # consecutive restarts whose model loads failed
-    exit_codes: dict[int, str] = field(default_factory=dict)
 
 
 def availability(dispatcher: Dispatcher) -> Availability:
@@ -291,7 +290,6 @@ def install() -> None:
     Dispatcher.start = _dispatcher_start
     Dispatcher.on_worker_stop = _on_worker_stop
     Dispatcher.on_worker_ready = _on_worker_ready
-    Dispatcher._get_worker = lambda self: (w := next_worker(self), w.pid)  # noqa: SLF001
     InferencePool._start_worker = _start_worker  # noqa: SLF001
     MetricsServer.on_worker_stop = _on_metrics_worker_stop
     DataPlane.ready = _ready
