@@ -196,13 +196,10 @@ def check_ports_free(settings: LaunchSettings) -> None:
 
 def write_mlserver_dir(settings: LaunchSettings) -> Path:
     """Render `settings.server_dir` (see the module docstring) and return it. Metrics files
-    of an earlier run on this port are removed: MLServer removes a process's files only when
-    it stops cleanly, and the multiprocess collector would add stale ones to every scrape."""
+    an earlier run left there are removed when the server starts (`serving.patches.startup`,
+    for every way MLServer is started)."""
     server_dir = settings.server_dir
     settings.metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in settings.metrics_dir.glob("*.db"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
     models = server_dir / "models"
     if not (models.is_symlink() and models.resolve() == MODELS.resolve()):
         staged = server_dir / f".models.{os.getpid()}"

@@ -156,9 +156,6 @@ def test_rendered_settings_directory(tmp_path: Path) -> None:
         server_metrics_port=9182,
         state_dir=tmp_path / "state",
     )
-    stale = settings.metrics_dir / "counter_12345.db"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"left by a killed run")
     server_dir = write_mlserver_dir(settings)
     assert server_dir == tmp_path / "state" / "mlserver" / "9180"
     rendered = json.loads((server_dir / "settings.json").read_text())
@@ -170,7 +167,6 @@ def test_rendered_settings_directory(tmp_path: Path) -> None:
     assert (server_dir / "models" / MODEL_NAME / "model-settings.json").read_bytes() == (
         MODELS / MODEL_NAME / "model-settings.json"
     ).read_bytes()
-    assert not stale.exists()
     # a second start on the same port renders the same directory again
     assert write_mlserver_dir(settings) == server_dir
     assert sorted(p.name for p in server_dir.iterdir()) == ["metrics", "models", "settings.json"]
@@ -265,6 +261,10 @@ def launched(serving_registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
     cwd = root / "elsewhere"
     cwd.mkdir()
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    # what a killed earlier run on this port left behind (a dead process's counter file)
+    stale = root / "state" / "mlserver" / str(http_port) / "metrics" / "counter_12345.db"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed run")
     env = mlserver_env(
         serving_registry.tracking_uri,
         {
@@ -313,6 +313,7 @@ def test_files_land_under_the_state_dir_only(launched: Launched) -> None:
         launched.metrics_port,
     )
     assert list((server_dir / "metrics").glob("*.db")), "no Prometheus multiprocess files under the state dir"
+    assert not (server_dir / "metrics" / "counter_12345.db").exists(), "an earlier run's file survived the start"
     assert not list(launched.cwd.iterdir()), "the launcher wrote into the current directory"
     assert _tree(SERVING) - launched.serving_before == set(), "the launcher wrote into serving/"
     assert not (ROOT / ".state" / "mlserver" / str(launched.http_port)).exists()
