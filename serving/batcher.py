@@ -35,7 +35,7 @@ from model_package.budget import prepared_cost
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
 from model_package.kronos.cost import GenerationCost
 
-from .cohort import AbandonedError, Cohort, CohortRunner, cohorts_within_cost
+from .cohort import AbandonedError, Cohort, CohortRunner
 from .memory import trim_heap
 from .settings import MIB, ServingSettings
 
@@ -72,6 +72,7 @@ class BatchObserver(Protocol):
     def queue_changed(self, series: int, cost_bytes: int) -> None: ...
     def running_changed(self, series: int, cost_bytes: int) -> None: ...
     def waited(self, seconds: float) -> None: ...
+    def handed_over(self, series: int, requests: int) -> None: ...
     def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None: ...
     def stepped(self, series: int) -> None: ...
     def progressed(self, timestamp: float) -> None: ...
@@ -88,6 +89,9 @@ class NullObserver:
         pass
 
     def waited(self, seconds: float) -> None:
+        pass
+
+    def handed_over(self, series: int, requests: int) -> None:
         pass
 
     def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
@@ -307,6 +311,7 @@ class SeriesBatcher:
             for job in jobs:
                 job.started = now
                 self.observer.waited(now - job.enqueued)
+            self.observer.handed_over(sum(job.n_series for job in jobs), len(jobs))
             self._set_running(
                 self._running_series + sum(job.n_series for job in jobs),
                 self._running_bytes + sum(job.n_bytes for job in jobs),
@@ -389,7 +394,7 @@ class SeriesBatcher:
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         """Worker thread: admit cohorts at step boundaries, step all running generations,
         answer each cohort when it is done; exit when nothing runs and nothing waits."""
-        runner = CohortRunner()
+        runner = CohortRunner(self.config.running_budget_bytes)
         try:
             while True:
                 with self._lock:
@@ -451,14 +456,6 @@ class SeriesBatcher:
 
     @staticmethod
     def _cohorts_of(handed: list[list[_Job]]) -> list[list[_Job]]:
-        """Jobs handed over during one step as few cohorts as possible (fewer, larger cohorts
-        step faster): per forecaster, the one-path requests apart from the others (only those
-        can merge into a running generation), and split where generating them together
-        would need more memory than their costs add up to (prefixes and horizons are padded
-        to the longest in a cohort)."""
-        merged: dict[tuple[int, bool], list[_Job]] = {}
-        for jobs in handed:
-            for job in jobs:
-                one_path = job.request.params.sample_count == 1
-                merged.setdefault((id(job.forecaster), one_path), []).append(job)
-        return [cohort for jobs in merged.values() for cohort in cohorts_within_cost(jobs)]
+        """Every request handed over is a cohort of its own: it joins the pool as one
+        admission and is answered as soon as its own rows are done."""
+        return [[job] for jobs in handed for job in jobs]

@@ -1,12 +1,13 @@
 """Serving benchmarks against real MLServer processes (random weights, no network).
 
     python -m serving.bench throughput --clients 16 --requests 2   # batched vs unbatched
+    python -m serving.bench throughput --mode rolling               # the same in rolling mode
     python -m serving.bench overhead --repeats 5                    # REST vs direct call
 
 `throughput` starts MLServer twice on free 127.0.0.1 ports, once with the series-aware
 batcher (`max_batch_size` 64 series) and once with `max_batch_size` 1 (every request its
 own pass), and has `--clients` concurrent clients send `--requests` forecasts each
-(`--history` candles -> `--pred-len` steps). `overhead` times one REST request against
+(`--history` candles -> `--pred-len` steps, generation mode `--mode`). `overhead` times one REST request against
 `KronosForecaster.predict` on the same input and threads (median of `--repeats`).
 Both log a random-weight model of the chosen shape (`--shape small` = Kronos-small, or
 `tiny` for a quick try) into a temporary sqlite registry (`serving.local_server`). The
@@ -66,13 +67,13 @@ def budget_env(forecaster: KronosForecaster, clients: int, history: int, pred_le
 
 
 def start_server(
-    workdir: Path, tracking_uri: str, batch_series: int, threads: int, budgets: dict[str, str]
+    workdir: Path, tracking_uri: str, batch_series: int, threads: int, budgets: dict[str, str], mode: str = "fast"
 ) -> LocalServer:
     """MLServer with serving/ settings on free ports, `max_batch_size` = `batch_series`."""
     return LocalServer.start(
         workdir,
         tracking_uri,
-        env={"KRONOS_TORCH_THREADS": str(threads), **budgets},
+        env={"KRONOS_TORCH_THREADS": str(threads), "KRONOS_GENERATION_MODE": mode, **budgets},
         model_settings={"max_batch_size": batch_series},
         timeout_s=START_TIMEOUT_S,
     )
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pred-len", type=int, default=120)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--mode", default="fast", choices=("fast", "rolling"), help="generation mode of the server")
     args = parser.parse_args(argv)
     try:
         shape = random_shape(args.shape)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             budgets = budget_env(shape_forecaster(shape), args.clients, args.history, args.pred_len)
             results = {}
             for label, batch in (("batched", 64), ("unbatched", 1)):
-                with start_server(root / label, uri, batch, args.threads, budgets) as server:
+                with start_server(root / label, uri, batch, args.threads, budgets, args.mode) as server:
                     results[label] = throughput(server.url, args.clients, args.requests, args.history, args.pred_len)
                 print(f"{label}: {results[label]:.3f} forecasts/s", flush=True)
             print(f"speed-up: {results['batched'] / results['unbatched']:.2f}x")

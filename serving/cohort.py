@@ -1,13 +1,11 @@
-"""Cohorts and the generations that run them (continuous batching, worker thread only).
+"""Cohorts and the row pools that run them (continuous batching, worker thread only).
 
-A cohort is the requests handed to the worker together. It is tokenized and prefilled as
-a new `Generation`; when a running generation of the same model can take it (exact mode,
-one path per series, still young) without needing more memory than both were charged
-(`model_package.kronos.cost`), it is merged into that one and becomes one of its parts,
-otherwise it runs as a generation of its own. Every step, all generations of one
-model step together (one trunk pass), and every cohort is answered as soon as its own
-series are finished. Results are split back by position (`owner`), never by series id,
-so requests cannot mix.
+A cohort is a request handed to the worker (its series, its hook, its answer). It joins the
+row pool (`model_package.kronos.engine.Engine`) of its forecaster's model as one
+admission as soon as the pool has room for it (the pool's own byte budget), its rows
+generate together with every other row of the pool, and it is answered as soon as its own
+rows are done. Results are split back by position (`owner`), never by series id, so
+requests cannot mix. Reference mode (upstream's loop, for tests) runs a cohort whole.
 
 No asyncio and no MLServer here.
 """
@@ -18,72 +16,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-from model_package.budget import network_shape
 from model_package.forecaster import Forecast, KronosForecaster, PreparedRequest
 from model_package.kronos import (
-    Generation,
+    Admission,
+    Engine,
     GenerationStats,
-    Part,
     SeriesInput,
     SeriesOutput,
     generate,
-    step_together,
 )
-from model_package.kronos.cost import GenerationCost, SeriesWork, generation_cost
 
 logger = logging.getLogger("kronos.serving.cohort")
-
-
-def series_work(series: Sequence[SeriesInput], joined_at: Sequence[int]) -> list[SeriesWork]:
-    """Series as cost-model work; a series that joined a running generation at step j
-    counts j more steps (its suffix columns start at the generation's start)."""
-    return [
-        SeriesWork(int(s.candles.shape[0]), join + s.pred_len, s.sample_count)
-        for s, join in zip(series, joined_at, strict=True)
-    ]
-
-
-def request_work(requests: Sequence[PreparedRequest], joined_at: int = 0) -> list[SeriesWork]:
-    """The series of `requests`, joining at step `joined_at`, as cost-model work."""
-    inputs = [s for r in requests for s in r.inputs]
-    return series_work(inputs, [joined_at] * len(inputs))
-
-
-class PricedRequest(Protocol):
-    """A request handed to the worker with its forecaster and its cost."""
-
-    forecaster: KronosForecaster
-    request: PreparedRequest
-    cost: GenerationCost
-
-
-P = TypeVar("P", bound=PricedRequest)
-
-
-def cohorts_within_cost(jobs: Sequence[P]) -> list[list[P]]:
-    """Split `jobs` (of one forecaster, in order) into runs that can be generated together
-    within the sum of their costs: a job joins the current run when the run's padded
-    generation cost with it stays within what the run's jobs were charged."""
-    runs: list[list[P]] = []
-    charged = 0
-    for job in jobs:
-        if runs:
-            together = [other.request for other in runs[-1]] + [job.request]
-            if padded_bytes(job.forecaster, request_work(together)) <= charged + job.cost.memory_bytes:
-                runs[-1].append(job)
-                charged += job.cost.memory_bytes
-                continue
-        runs.append([job])
-        charged = job.cost.memory_bytes
-    return runs
-
-
-def padded_bytes(forecaster: KronosForecaster, work: Sequence[SeriesWork]) -> int:
-    """Memory of generating `work` as one batch (padding included), request inputs excluded
-    (those were charged with each request already)."""
-    return generation_cost(network_shape(forecaster), work, forecaster.mode, history_rows=0).memory_bytes
 
 
 class AbandonedError(Exception):
@@ -101,8 +46,7 @@ class Cohort:
     jobs: list[Any] = field(default_factory=list)  # the caller's handles, in request order
     charged_bytes: int = 0  # memory charged for these requests (sum of their costs)
     owner: list[int] = field(init=False)
-    generation: Generation | None = None  # the generation its part lives in
-    part: Part | None = None
+    admission: Admission | None = None  # its place in a row pool
     outputs: list[SeriesOutput | None] | None = None
     stats: GenerationStats | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -128,25 +72,19 @@ class Cohort:
         self.progressed()
         return [i for i, j in enumerate(self.owner) if self.stop(j)]
 
-    def start(self) -> Generation | None:
-        """Tokenize and prefill as a new generation (reference mode: generate the whole
-        forecast now and return None)."""
+    def stopped(self) -> bool:
+        """True when every request of the cohort should be dropped (before it joins)."""
+        return all(self.stop(j) for j in range(len(self.requests)))
+
+    def run_reference(self) -> None:
+        """Reference mode: generate the whole forecast now."""
         f = self.forecaster
-        if f.mode == "reference":
-            self.outputs, self.stats = generate(
-                f.tokenizer, f.model, self.inputs, f.max_context, f.mode, on_step=self.on_step
-            )
-            return None
-        generation = Generation(f.tokenizer, f.model, self.inputs, f.max_context, f.mode == "rolling", self.on_step)
-        generation.start()
-        self.generation, self.part = generation, generation.parts[0]
-        return generation
+        self.outputs, self.stats = generate(f.tokenizer, f.model, self.inputs, f.max_context, f.mode, self.on_step)
 
     def collect(self) -> None:
-        """Take the outputs once the generation decoded this cohort's part."""
-        if self.outputs is None and self.part is not None and self.part.outputs is not None:
-            self.outputs = self.part.outputs
-            self.stats = self.generation.stats if self.generation is not None else None
+        """Take the outputs once the pool decoded this cohort's admission."""
+        if self.outputs is None and self.admission is not None and self.admission.outputs is not None:
+            self.outputs, self.stats = self.admission.outputs, self.admission.stats
 
     def results(self) -> list[Forecast | BaseException]:
         """One forecast (or the error that stopped it) per request, in request order."""
@@ -189,63 +127,88 @@ class Cohort:
 
 
 class CohortRunner:
-    """The running generations and the cohorts they answer."""
+    """One row pool per model (created on demand, dropped when idle), the cohorts running in
+    them and the cohorts waiting for room. `budget_bytes` caps each pool (None: unbounded)."""
 
-    def __init__(self) -> None:
-        self.generations: list[Generation] = []
-        self.cohorts: list[Cohort] = []
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self.pools: dict[int, Engine] = {}  # id(forecaster) -> its pool
+        self.cohorts: list[Cohort] = []  # handed over and not answered (waiting or running)
+        self.waiting: list[Cohort] = []  # not in a pool yet, in arrival order
 
     def add(self, cohort: Cohort) -> list[Cohort]:
-        """Start a cohort and merge it into a running generation when one can take it.
-        Returns the cohorts that must be rerun alone because this failed."""
-        try:
-            generation = cohort.start()
-        except Exception:  # noqa: BLE001
-            logger.exception("starting a cohort failed; rerunning its requests alone")
-            return [cohort]
+        """Take a cohort; it joins its pool now or as soon as there is room. Returns the
+        cohorts that must be rerun alone because joining failed."""
         self.cohorts.append(cohort)
-        if generation is None:
-            return []
-        host = next((g for g in self.generations if g.can_admit(generation) and self._fits(g, cohort)), None)
-        if host is None:
-            self.generations.append(generation)
-            return []
-        try:
-            cohort.part, cohort.generation = host.admit(generation), host
-        except Exception:  # noqa: BLE001 - the host's state is no longer trusted
-            logger.exception("merging a cohort failed; rerunning the generation's requests alone")
-            return self._drop(lambda c: c.generation is host or c is cohort, [host])
-        return []
+        self.waiting.append(cohort)
+        return self._admit()
 
-    def _fits(self, host: Generation, cohort: Cohort) -> bool:
-        """Merging `cohort` into `host` needs no more memory than both were charged (the
-        merged prefixes and suffixes are padded to the longest; newcomers' columns start at
-        the host's first step)."""
-        charged = cohort.charged_bytes + sum(
-            c.charged_bytes for c in self.cohorts if c.generation is host and not c.done
-        )
-        host_work = series_work(host.series, host.series_join)
-        return padded_bytes(cohort.forecaster, host_work + request_work(cohort.requests, host.step)) <= charged
+    def _pool(self, forecaster: KronosForecaster) -> Engine:
+        pool = self.pools.get(id(forecaster))
+        if pool is None:
+            pool = Engine(
+                forecaster.tokenizer,
+                forecaster.model,
+                forecaster.max_context,
+                rolling=forecaster.mode == "rolling",
+                budget_bytes=self.budget_bytes,
+            )
+            self.pools[id(forecaster)] = pool
+        return pool
+
+    def _admit(self) -> list[Cohort]:
+        """Waiting cohorts join their pools in arrival order while there is room (a cohort
+        that must wait holds back the later ones of its model only)."""
+        failed: list[Cohort] = []
+        blocked: set[int] = set()
+        for cohort in list(self.waiting):
+            key = id(cohort.forecaster)
+            if cohort.stopped():
+                self.waiting.remove(cohort)
+                cohort.outputs = [None] * len(cohort.owner)
+                continue
+            if key in blocked:
+                continue
+            if cohort.forecaster.mode == "reference":
+                self.waiting.remove(cohort)
+                try:
+                    cohort.run_reference()
+                except Exception:  # noqa: BLE001
+                    logger.exception("a reference generation failed; rerunning its requests alone")
+                    failed.append(cohort)
+                continue
+            pool = self._pool(cohort.forecaster)
+            if not pool.can_take(cohort.inputs):
+                blocked.add(key)
+                continue
+            self.waiting.remove(cohort)
+            try:
+                cohort.admission = pool.add(cohort.inputs, cohort.on_step)
+            except Exception:  # noqa: BLE001 - the pool left as it was; this cohort alone
+                logger.exception("joining the pool failed; rerunning the cohort's requests alone")
+                failed.append(cohort)
+        for cohort in failed:
+            self.cohorts.remove(cohort)
+        return failed
 
     def step(self) -> list[Cohort]:
-        """One step of every generation (those of one model together); returns the
-        cohorts that must be rerun alone because their step failed."""
-        by_model: dict[int, list[Generation]] = {}
-        for generation in self.generations:
-            by_model.setdefault(id(generation.model), []).append(generation)
+        """One step of every pool; returns the cohorts that must be rerun alone because
+        their pool's step failed (the pool is dropped: its state is no longer trusted)."""
         failed: list[Cohort] = []
-        for group in by_model.values():
+        for key, pool in list(self.pools.items()):
             try:
-                step_together(group)
-                for generation in group:
-                    generation.finished_parts()
+                pool.step()
             except Exception:  # noqa: BLE001
-                logger.exception("a shared generation step failed; rerunning its requests alone")
-                failed += self._drop(_in_generations(group), group)
+                logger.exception("a pool step failed; rerunning its requests alone")
+                members = {id(a) for a in pool.admissions}
+                dropped = [c for c in self.cohorts if c.admission is not None and id(c.admission) in members]
+                self.cohorts = [c for c in self.cohorts if c not in dropped]
+                failed += dropped
+                del self.pools[key]
         for cohort in self.cohorts:
             cohort.collect()
-        self.generations = [g for g in self.generations if not g.done]
-        return failed
+        self.pools = {key: pool for key, pool in self.pools.items() if not pool.idle}
+        return failed + self._admit()
 
     def take_done(self) -> list[Cohort]:
         """Remove and return the answered cohorts."""
@@ -255,16 +218,4 @@ class CohortRunner:
 
     def step_series(self) -> int:
         """Series that take part in the next step."""
-        return sum(len(c.owner) for c in self.cohorts if not c.done and c.generation is not None)
-
-    def _drop(self, selects: Callable[[Cohort], bool], generations: list[Generation]) -> list[Cohort]:
-        dropped = [c for c in self.cohorts if selects(c) and not c.done]
-        self.cohorts = [c for c in self.cohorts if c not in dropped]
-        self.generations = [g for g in self.generations if g not in generations]
-        return dropped
-
-
-def _in_generations(generations: list[Generation]) -> Callable[[Cohort], bool]:
-    """Selects the cohorts whose part lives in one of `generations`."""
-    members = {id(g) for g in generations}
-    return lambda cohort: id(cohort.generation) in members
+        return sum(len(c.owner) for c in self.cohorts if not c.done and c.admission is not None)

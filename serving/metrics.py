@@ -72,26 +72,30 @@ class KronosMetrics:
         self.inference_seconds = _get_or_create(
             Histogram,
             "kronos_inference_seconds",
-            "Time from a cohort's start to its answer (s)",
+            "Time from a request's hand-over to the worker to its answer (s)",
             r,
             buckets=SECONDS_BUCKETS,
         )
         self.batch_series = _get_or_create(
             Histogram,
             "kronos_batch_series",
-            "Series per cohort (requests admitted together)",
+            "Series handed to the worker together (one batch window, or the arrivals while it runs)",
             r,
             buckets=SERIES_BUCKETS,
         )
         self.step_series = _get_or_create(
             Histogram,
             "kronos_step_series",
-            "Series sharing one generation step (all running cohorts together)",
+            "Series sharing one generation step (every row pool of the worker)",
             r,
             buckets=SERIES_BUCKETS,
         )
         self.batch_requests = _get_or_create(
-            Histogram, "kronos_batch_requests", "Requests per cohort (admitted together)", r, buckets=REQUESTS_BUCKETS
+            Histogram,
+            "kronos_batch_requests",
+            "Requests handed to the worker together (they join the row pool at the same step)",
+            r,
+            buckets=REQUESTS_BUCKETS,
         )
         self.abandoned_series = _get_or_create(
             Counter,
@@ -193,10 +197,12 @@ class KronosMetrics:
     def waited(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
 
-    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
-        self.inference_seconds.observe(seconds)
+    def handed_over(self, series: int, requests: int) -> None:
         self.batch_series.observe(series)
         self.batch_requests.observe(requests)
+
+    def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
+        self.inference_seconds.observe(seconds)
         self.generated_candles.inc(candles)
         self.resident_memory.set(rss_bytes())
 

@@ -62,7 +62,9 @@ class ServingSettings(BaseSettings):
 
     model_uri: str = Field("models:/kronos@champion", description="MLflow model URI; an alias is resolved at load")
     running_budget_mb: float = Field(
-        2048, gt=0, description="memory of all generations running at once (MiB, request costs)"
+        2048,
+        gt=0,
+        description="memory of all generations running at once (MiB): request costs, and the bytes the row pool holds",
     )
     queue_budget_mb: float = Field(
         4096, gt=0, description="cost of the requests waiting for the worker (MiB); beyond: 503"

@@ -1,6 +1,5 @@
 """Kronos in plain PyTorch: tokenizer, predictor, sampling, generation, checkpoints."""
 
-from .cached import Generation, Part, step_together
 from .checkpoint import (
     CheckpointError,
     count_parameters,
@@ -11,6 +10,7 @@ from .checkpoint import (
     write_random_checkpoint,
 )
 from .config import ConfigError, KronosConfig, TokenizerConfig
+from .engine import Admission, Engine
 from .generation import GENERATION_MODES, generate
 from .model import Kronos
 from .presets import PRESETS, Preset, preset_by_name, preset_for_config
@@ -22,19 +22,18 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
-    "Generation",
+    "Admission",
+    "Engine",
     "GenerationStats",
     "Kronos",
     "KronosConfig",
     "KronosTokenizer",
-    "Part",
     "Preset",
     "SeriesInput",
     "SeriesOutput",
     "TokenizerConfig",
     "count_parameters",
     "generate",
-    "step_together",
     "load_model",
     "load_tokenizer",
     "preset_by_name",

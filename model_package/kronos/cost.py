@@ -3,7 +3,8 @@
 A server must refuse work it cannot hold before doing any of it, so this module prices a
 request from counts alone (history lengths, horizon, sample paths, the two network
 shapes, the window and the generation mode) with the engine's own memory layout
-(`cached.Generation`, `generation._generate_reference`). Each term is an upper bound of
+(`engine.Engine`'s row pool, whose byte arithmetic is the functions below, and
+`generation._generate_reference`). Each term is an upper bound of
 what the engine allocates for that purpose; transient buffers of the phases that never
 overlap (prefill, a step, a window recompute, decoding) count with the largest of them.
 
@@ -28,11 +29,10 @@ DRAW_BYTES = 8  # float64 uniforms of the draw table
 # Host memory per history row of a request that a worker holds before generation starts:
 # the decoded request, the pandas frame, the float32 candles and normalised copies.
 INPUT_ROW_BYTES = 1024
-# Keys/values of the newest column are written into the suffix while rows leave a group
-# (an index_select copies the kept rows before the old tensor is freed): suffix caches
-# briefly exist twice.
+# A lane that grows or compacts copies its caches into new tensors before the old ones are
+# freed: suffix caches briefly exist twice.
 SUFFIX_COPIES = 2
-# Attention over a shared prefix (`decoding.shared_prefix_attention`) materialises its
+# Attention over a lane (`engine.grid_attention`) materialises its
 # scores several times (prefix scores, row scores, the joined softmax input and its
 # result). Causal passes over a whole window go through scaled_dot_product_attention,
 # whose CPU and CUDA kernels never hold the [T, T] score matrix.
@@ -141,26 +141,89 @@ def generation_cost(
     return GenerationCost(int(MARGIN * generation) + ALLOCATOR_SLACK + rows * INPUT_ROW_BYTES, candles)
 
 
-def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) -> int:
-    """ "fast" / "rolling": persistent caches and token tables, plus the largest transient."""
+# -- the row pool's layout (`engine.Engine` holds exactly these bytes) -----------------------
+
+PREFIX_STEP = 64  # lane prefix widths are multiples of this (columns), at most W
+MIN_ROW_CAPACITY = 8  # smallest row table
+
+
+def pow2_at_least(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def lane_key(history_len: int, sample_count: int, max_context: int) -> tuple[int, int]:
+    """(S, Wp) of the lane a series joins: its paths rounded up to a power of two, and its
+    kept history min(L, W) rounded up to a multiple of PREFIX_STEP (at most W)."""
+    kept = min(history_len, max_context)
+    return pow2_at_least(sample_count), min(-(-kept // PREFIX_STEP) * PREFIX_STEP, max_context)
+
+
+def lane_bytes(shape: NetworkShape, slots: int, paths: int, prefix_width: int, suffix_width: int) -> int:
+    """A lane of `slots` prefix slots of `prefix_width` columns and slots x `paths` rows of
+    `suffix_width` generated columns (every trunk layer and the s2 head), with each row's
+    last hidden state and the slot/row indices."""
+    rows = slots * paths
+    columns = slots * prefix_width + rows * suffix_width
+    return columns * shape.kv_column_bytes + rows * shape.d_model * FLOAT_BYTES + (slots + rows) * INDEX_BYTES
+
+
+def row_capacity(rows: int) -> int:
+    """Rows the row table allocates to hold `rows` rows."""
+    return max(pow2_at_least(rows), MIN_ROW_CAPACITY)
+
+
+def row_table_bytes(capacity: int, horizon: int, max_context: int) -> int:
+    """The pool's row table: tokens (2 x int64) and stamps (5 x float32) over W + horizon
+    columns, the draws (2 x float64 per step) and the per-row counters and settings."""
+    columns = max_context + horizon
+    per_row = 2 * columns * INDEX_BYTES + 5 * columns * FLOAT_BYTES + 2 * horizon * DRAW_BYTES
+    return capacity * (per_row + 3 * INDEX_BYTES + 2 * FLOAT_BYTES)
+
+
+def window_bytes(shape: NetworkShape, work: SeriesWork, mode: str) -> int:
+    """Exact mode, a series that will slide: its recomputed windows' s2-head keys/values
+    (W columns per path) and last hidden states, held from one step to the next."""
+    if mode != "fast" or work.history_len + work.pred_len <= shape.max_context:
+        return 0
+    return work.sample_count * (2 * shape.max_context + 1) * shape.d_model * FLOAT_BYTES
+
+
+def pool_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) -> int:
+    """What a row pool holds for `work` alone: its lanes, its row table and its windows."""
     W = shape.max_context
+    lanes: dict[tuple[int, int], list[SeriesWork]] = {}
+    for w in work:
+        lanes.setdefault(lane_key(w.history_len, w.sample_count, W), []).append(w)
+    total = sum(
+        lane_bytes(shape, pow2_at_least(len(ws)), S, Wp, max(w.pred_len for w in ws)) for (S, Wp), ws in lanes.items()
+    )
+    rows = sum(w.sample_count for w in work)
+    total += row_table_bytes(row_capacity(rows), max(w.pred_len for w in work), W)
+    return total + sum(window_bytes(shape, w, mode) for w in work)
+
+
+def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) -> int:
+    """ "fast" / "rolling": the pool's persistent bytes, a second copy of the suffix caches
+    (a lane that grows or compacts copies them), plus the largest transient."""
     N = sum(w.sample_count for w in work)
-    Lmax = max(w.history_len for w in work)
     Pmax = max(w.pred_len for w in work)
-    window = max(min(w.history_len, W) for w in work)  # prefixes are padded to the longest
-    prefix = len(work) * window * shape.kv_column_bytes
-    suffix = SUFFIX_COPIES * N * min(Pmax, W) * shape.kv_column_bytes
-    columns = Lmax + Pmax
-    tables = 2 * N * columns * INDEX_BYTES + len(work) * columns * 5 * FLOAT_BYTES + N * Pmax * 2 * DRAW_BYTES
+    suffix_copy = (SUFFIX_COPIES - 1) * N * Pmax * shape.kv_column_bytes
+    keys = {lane_key(w.history_len, w.sample_count, shape.max_context) for w in work}
+    grid_rows = sum(
+        pow2_at_least(sum(lane_key(w.history_len, w.sample_count, shape.max_context) == k for w in work)) * k[0]
+        for k in keys
+    )  # a step attends over every row slot of a lane, padding included
+    window = max(Wp for _, Wp in keys)
     outputs = N * Pmax * 6 * FLOAT_BYTES * 4  # paths, denormalised copy, mean and quantiles
     transient = max(
         max(_encode_bytes(shape, w) for w in work),
         max(_prefill_bytes(shape, w) for w in work),
-        _step_bytes(shape, N, window + min(Pmax, W)),
+        _step_bytes(shape, grid_rows, window + Pmax),
         _sliding_bytes(shape, work) if mode == "fast" else 0,
         max(_decode_bytes(shape, w) for w in work),
     )
-    return prefix + suffix + tables + outputs + transient
+    return pool_bytes(shape, work, mode) + suffix_copy + outputs + transient
 
 
 def _encode_bytes(shape: NetworkShape, w: SeriesWork) -> int:

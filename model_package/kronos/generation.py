@@ -14,10 +14,9 @@ Three modes, all producing the same kind of result:
   computed with context the reference no longer sees, so results deviate once the window
   slides (the benchmark reports by how much).
 
-Fast and rolling generations run step by step (`cached.Generation`); `step_together`
-advances several of them with one shared trunk pass per step, and a running generation
-can admit new series, so a server can let new requests join a batch that is already
-running (continuous batching).
+Fast and rolling generations run in the row pool of `engine.Engine`: here one call adds its
+series to a pool of its own and steps until they are done; a server keeps one pool per
+model and adds requests while others generate (continuous batching).
 
 Rows of a batch may have different history lengths, horizons, sample counts and sampling
 settings. Tokenizer encoding, prefill and final decoding run per series, so a series gets
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .cached import Generation, step_together
+from .engine import Engine
 from .model import Kronos
 from .sampling import sample_tokens, uniforms
 from .series import (
@@ -67,13 +66,13 @@ def generate(
         raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
     validate_series(series, tokenizer.config.d_in)
     if mode == "reference":
-        require_eval(tokenizer, model)  # the fast modes check it in Generation
+        require_eval(tokenizer, model)  # the engine checks it for the fast modes
         return _generate_reference(tokenizer, model, series, max_context)
-    run = Generation(tokenizer, model, series, max_context, mode == "rolling", on_step)
-    run.start()
-    while not run.done:
-        step_together([run])
-    return run.result()
+    engine = Engine(tokenizer, model, max_context, rolling=mode == "rolling")
+    admission = engine.add(series, on_step)
+    while admission.outputs is None:
+        engine.step()
+    return admission.outputs, engine.stats
 
 
 def _generate_reference(

@@ -64,76 +64,28 @@ StepHook = Callable[[int], Iterable[int]]
 
 @dataclass
 class Rows:
-    """Per path-row settings of a batch (N rows, series-major)."""
+    """Per path-row settings of a batch for the reference loop (N rows, series-major)."""
 
     series: torch.Tensor  # [N] int64 (cpu)
-    path: torch.Tensor  # [N] index of the row among its series' paths (cpu)
-    history_len: torch.Tensor  # [N]
-    pred_len: torch.Tensor  # [N]
     temperature: torch.Tensor  # [N] on device
     top_k: torch.Tensor
     top_p: torch.Tensor
     keys: np.ndarray  # [N] uint64
-    top_k_cpu: torch.Tensor  # [N] host copies, for decisions that must not wait on the device
-    top_p_cpu: torch.Tensor
-    join: torch.Tensor  # [N] step of the generation at which the row's series joined (cpu)
-
-    @property
-    def last_step(self) -> torch.Tensor:
-        """[N] the generation step at which each row samples its last token, plus one."""
-        return self.join + self.pred_len
-
-    def joined(self, other: Rows, series_offset: int, join: int) -> Rows:
-        """These rows followed by `other`'s, whose series ids move up by `series_offset` and
-        who join at step `join`."""
-
-        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return torch.cat((a, b))
-
-        return Rows(
-            series=cat(self.series, other.series + series_offset),
-            path=cat(self.path, other.path),
-            history_len=cat(self.history_len, other.history_len),
-            pred_len=cat(self.pred_len, other.pred_len),
-            temperature=cat(self.temperature, other.temperature),
-            top_k=cat(self.top_k, other.top_k),
-            top_p=cat(self.top_p, other.top_p),
-            keys=np.concatenate((self.keys, other.keys)),
-            top_k_cpu=cat(self.top_k_cpu, other.top_k_cpu),
-            top_p_cpu=cat(self.top_p_cpu, other.top_p_cpu),
-            join=cat(self.join, other.join + join),
-        )
 
     @classmethod
     def build(cls, series: Sequence[SeriesInput], device: torch.device) -> Rows:
-        counts = [s.sample_count for s in series]
+        counts = torch.tensor([s.sample_count for s in series])
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(counts))
+            return torch.tensor(values, dtype=dtype).repeat_interleave(counts)
 
-        top_k = per_row([s.top_k for s in series], torch.long)
-        top_p = per_row([s.top_p for s in series], torch.float32)
         return cls(
             series=per_row(list(range(len(series))), torch.long),
-            path=torch.cat([torch.arange(c) for c in counts]),
-            history_len=per_row([s.candles.shape[0] for s in series], torch.long),
-            pred_len=per_row([s.pred_len for s in series], torch.long),
             temperature=per_row([s.temperature for s in series], torch.float32).to(device),
-            top_k=top_k.to(device),
-            top_p=top_p.to(device),
+            top_k=per_row([s.top_k for s in series], torch.long).to(device),
+            top_p=per_row([s.top_p for s in series], torch.float32).to(device),
             keys=np.concatenate([path_keys(s.seed, s.sample_count) for s in series]),
-            top_k_cpu=top_k,
-            top_p_cpu=top_p,
-            join=torch.zeros(sum(counts), dtype=torch.long),
         )
-
-    def filter_flags(self, rows: torch.Tensor) -> dict:
-        """Host-side summary of the filters `rows` (cpu ids) use: max_top_k, any_top_p."""
-        top_k, top_p = self.top_k_cpu[rows], self.top_p_cpu[rows]
-        return {
-            "max_top_k": int(top_k.max()) if len(rows) else 0,
-            "any_top_p": bool(((top_k == 0) & (top_p < 1.0)).any()),
-        }
 
 
 def validate_series(series: Sequence[SeriesInput], d_in: int) -> None:

@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from model_package.kronos import (
-    Generation,
     Kronos,
     KronosConfig,
     KronosTokenizer,
     SeriesInput,
     TokenizerConfig,
     generate,
-    step_together,
 )
 from model_package.kronos.checkpoint import random_init_
 
@@ -121,92 +119,6 @@ def test_mixed_batch_with_paths_and_settings_equals_reference_and_alone():
     for s, together in zip(series, fast, strict=True):
         alone, _ = generate(tokenizer, model, [s], 32, "fast")
         _assert_same([together], alone)
-
-
-def test_generations_that_join_a_running_one_step_together_and_match_alone():
-    """Continuous batching: batches joining at later steps (one sliding, one rolling, one
-    with paths) share the trunk passes and still get exactly their own results."""
-    tokenizer, model = _pair(10, 64, 4, 2, seed=4)
-    batches = [
-        ([_series(20, 16, data_seed=1, top_k=1), _series(9, 4, data_seed=2, top_k=1)], "fast", 0),
-        ([_series(30, 10, data_seed=3, top_k=1)], "fast", 2),  # slides from its 3rd step
-        ([_series(14, 6, data_seed=4, sample_count=3, temperature=0.9, top_p=0.8, seed=5)], "fast", 3),
-        ([_series(28, 12, data_seed=5, top_k=1)], "rolling", 5),
-    ]
-    alone = [generate(tokenizer, model, s, 32, mode)[0] for s, mode, _ in batches]
-    runs: list[Generation] = []
-    finished_at: dict[int, int] = {}
-    for step in range(40):
-        for series, mode, joins in batches:
-            if joins == step:
-                runs.append(Generation(tokenizer, model, series, 32, mode == "rolling"))
-                runs[-1].start()
-        step_together(runs)
-        for i, run in enumerate(runs):
-            if run.done:
-                finished_at.setdefault(i, step)
-    assert all(run.done for run in runs)
-    assert finished_at == {0: 15, 1: 11, 2: 8, 3: 16}  # each after its own longest horizon
-    for run, want in zip(runs, alone, strict=True):
-        _assert_same(run.result()[0], want)
-    mine = Generation(tokenizer, model, [_series(9, 2, data_seed=1)], 32, False)
-    other = Generation(*_pair(10, 64, 4, 2, seed=4), [_series(9, 2, data_seed=1)], 32, False)
-    for run in (mine, other):
-        run.start()
-    with pytest.raises(ValueError, match="share one model"):
-        step_together([mine, other])
-
-
-def test_admitted_generations_merge_and_match_alone():
-    """Batches admitted into a running generation (longer and shorter histories, longer
-    horizons, one sliding from the start, one abandoned) get exactly their own results,
-    each as soon as it is finished."""
-    tokenizer, model = _pair(10, 64, 4, 2, seed=6)
-    W = 32
-    batches = [  # (series, step at which it arrives)
-        ([_series(12, 10, data_seed=1, top_k=1), _series(5, 3, data_seed=2, top_k=1)], 0),
-        ([_series(3, 6, data_seed=3, temperature=0.7, seed=3)], 4),  # history shorter than 4
-        ([_series(40, 5, data_seed=4, top_k=1)], 4),  # longer than W: slides at once
-        ([_series(30, 25, data_seed=5, top_k=1), _series(20, 9, data_seed=6, top_k=5, seed=8)], 6),
-        ([_series(8, 12, data_seed=7, top_k=1)], 7),  # abandoned at its step 2
-    ]
-    alone = [generate(tokenizer, model, series, W, "fast")[0] for series, _ in batches]
-    dropped_at: list[int] = []
-
-    def drop_at_two(step: int) -> list[int]:
-        dropped_at.append(step)
-        return [0] if step == 2 else []
-
-    main = Generation(tokenizer, model, batches[0][0], W, False)
-    main.start()
-    parts, answered = [main.parts[0]], {}
-    for step in range(60):
-        for series, arrives in batches[1:]:
-            if arrives == step:
-                newcomer = Generation(tokenizer, model, series, W, False, drop_at_two if arrives == 7 else None)
-                newcomer.start()
-                assert main.can_admit(newcomer)
-                parts.append(main.admit(newcomer))
-        if main.done:
-            break
-        step_together([main])
-        for part in main.finished_parts():
-            answered[parts.index(part)] = main.step
-    assert answered == {0: 10, 1: 10, 2: 9, 3: 31, 4: 10}
-    assert dropped_at == [0, 1, 2]
-    for i, (part, want) in enumerate(zip(parts, alone, strict=True)):
-        if i == 4:
-            assert part.outputs == [None]
-        else:
-            _assert_same(part.outputs, want)
-    late = Generation(tokenizer, model, [_series(9, 2, data_seed=1)], W, False)
-    late.start()
-    assert not main.can_admit(late)  # finished generations take nobody
-    paths = Generation(tokenizer, model, [_series(9, 2, data_seed=1, sample_count=2)], W, False)
-    paths.start()
-    fresh = Generation(tokenizer, model, [_series(9, 2, data_seed=1)], W, False)
-    fresh.start()
-    assert not fresh.can_admit(paths)  # several paths per series: stepped, not merged
 
 
 def test_sampled_paths_differ_per_path_and_repeat_per_seed():

@@ -25,6 +25,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.cohorts: list[tuple[int, int]] = []
+        self.handovers: list[tuple[int, int]] = []
         self.queue: list[int] = []
         self.waits: list[float] = []
         self.steps = 0
@@ -45,6 +46,9 @@ class Recorder:
 
     def waited(self, seconds: float) -> None:
         self.waits.append(seconds)
+
+    def handed_over(self, series: int, requests: int) -> None:
+        self.handovers.append((series, requests))
 
     def cohort_done(self, series: int, requests: int, seconds: float, candles: int) -> None:
         self.cohorts.append((series, requests))
@@ -80,8 +84,9 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
         return [r.frame for r in results]
 
     frames = asyncio.run(main())
-    # one-path requests form one cohort, the one with two paths another; all share steps
-    assert sorted(recorder.cohorts) == [(3, 1), (3, 2)]
+    # every request is a cohort (answered on its own); all share the pool's steps
+    assert sorted(recorder.cohorts) == [(1, 1), (2, 1), (3, 1)]
+    assert recorder.handovers == [(6, 3)]  # collected in one batch window, joined at one step
     assert max(recorder.step_series) == 6
     for got, want in zip(frames, expected, strict=True):
         pd.testing.assert_frame_equal(got, want, rtol=1e-5)
@@ -89,9 +94,9 @@ def test_concurrent_requests_share_a_pass_and_get_their_own_series(forecaster):
 
 
 def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
-    """Continuous batching: requests arriving mid-generation join at the next step (one
-    merged into the running generation, one with several paths stepping beside it), share
-    the steps and are answered as soon as they are done."""
+    """Continuous batching: requests arriving mid-generation join the row pool at the next
+    step (one-path and multi-path alike), share the steps and are answered as soon as they
+    are done."""
     cases = {
         "long": (history(["L"], seed=2, length=40), SamplingParams(pred_len=40, top_k=1)),
         "merged": (history(["A", "L"], seed=3), SamplingParams(pred_len=3, top_k=1)),
@@ -120,28 +125,28 @@ def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
     frames = asyncio.run(main())
     assert answered[-1] == "long" and sorted(answered[:2]) == ["merged", "paths"]
     assert recorder.cohorts[-1] == (1, 1) and sorted(recorder.cohorts[:2]) == [(1, 1), (2, 1)]
-    assert max(recorder.step_series) == 4  # 1 + 2 merged + 1 beside: all in one step
+    assert max(recorder.step_series) == 4  # 1 + 2 + 1 series: all in one step
     for name, want in expected.items():
         pd.testing.assert_frame_equal(frames[name], want, rtol=1e-5)
 
 
 def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch):
-    """Fault injection: the first shared step raises; the worker reruns every request of
-    the failed generations on its own, so all requests still get their own forecasts."""
-    real_step, calls = cohort_module.step_together, []
+    """Fault injection: the first pool step raises; the worker reruns every request of the
+    failed pool on its own, so all requests still get their own forecasts."""
+    real_step, calls = cohort_module.Engine.step, []
 
-    def failing_once(generations):
-        calls.append(len(generations))
+    def failing_once(pool):
+        calls.append(len(pool.admissions))
         if len(calls) == 1:
             raise RuntimeError("injected step failure")
-        return real_step(generations)
+        return real_step(pool)
 
-    monkeypatch.setattr(cohort_module, "step_together", failing_once)
     cases = [
         (history(["A"], seed=5), SamplingParams(pred_len=3, top_k=1)),
         (history(["B", "C"], seed=6), SamplingParams(pred_len=4, top_k=1)),
     ]
     expected = [forecaster.predict(h, **p.__dict__) for h, p in cases]
+    monkeypatch.setattr(cohort_module.Engine, "step", failing_once)
 
     async def main() -> list[pd.DataFrame]:
         batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.2))
@@ -151,7 +156,8 @@ def test_a_failed_shared_step_reruns_each_request_alone(forecaster, monkeypatch)
         return [r.frame for r in results]
 
     frames = asyncio.run(main())
-    assert calls == [1]  # one shared step, then both reran alone through generate()
+    # one shared step of both, then each reran alone through generate() (3 and 4 steps)
+    assert calls == [2] + [1] * 7
     for got, want in zip(frames, expected, strict=True):
         pd.testing.assert_frame_equal(got, want, rtol=1e-5)
 
@@ -260,7 +266,7 @@ def test_a_cancelled_request_leaves_generation_at_the_next_step(forecaster):
     assert recorder.running[-1] == (0, 0)
 
 
-def test_jobs_of_two_models_run_in_separate_cohorts(forecaster, tiny_checkpoints):
+def test_jobs_of_two_models_run_in_separate_pools(forecaster, tiny_checkpoints):
     tokenizer_dir, model_dir = tiny_checkpoints
     other = KronosForecaster.from_pretrained(tokenizer_dir, model_dir, max_context=64, device="cpu")
     recorder = Recorder()
@@ -277,38 +283,5 @@ def test_jobs_of_two_models_run_in_separate_cohorts(forecaster, tiny_checkpoints
         await batcher.drain_and_stop(10)
 
     asyncio.run(main())
-    assert sorted(recorder.cohorts) == [(1, 1), (2, 2)]
-
-
-def test_cohorts_are_split_where_padding_would_cost_more_than_charged(tmp_path):
-    """Requests of similar shape are prefilled together; one whose horizon would pad the
-    others' caches beyond what they were charged starts a cohort of its own (priced with
-    the Kronos-small shape, where caches dominate; nothing is generated)."""
-    from dataclasses import dataclass
-
-    from model_package.kronos import write_random_checkpoint
-    from model_package.kronos.presets import preset_by_name
-    from serving.cohort import cohorts_within_cost
-
-    preset = preset_by_name("NeoQuasar/Kronos-small")
-    small = KronosForecaster.from_pretrained(
-        write_random_checkpoint(preset.tokenizer_config, tmp_path / "tokenizer", 1),
-        write_random_checkpoint(preset.model_config, tmp_path / "model", 2),
-        max_context=512,
-        device="cpu",
-    )
-
-    @dataclass
-    class Priced:
-        forecaster: KronosForecaster
-        request: object
-        cost: object
-
-    def priced(params: SamplingParams) -> Priced:
-        request = small.prepare(history(["s"], 1, length=300), params)
-        return Priced(small, request, prepared_cost(small, request))
-
-    short = [priced(SamplingParams(pred_len=5, sample_count=32)) for _ in range(3)]
-    long = priced(SamplingParams(pred_len=200, sample_count=32))
-    assert [len(run) for run in cohorts_within_cost([*short, long])] == [3, 1]
-    assert [len(run) for run in cohorts_within_cost([*short, *short])] == [6]
+    assert recorder.cohorts == [(1, 1)] * 3  # each request answered on its own
+    assert max(recorder.step_series) == 3  # two pools (one per model) stepped by one worker
