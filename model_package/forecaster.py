@@ -9,6 +9,7 @@ requests in one generation pass and still hand each request its own frame.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +45,13 @@ from .kronos import (
     preset_by_name,
     preset_for_config,
 )
+from .kronos.precision import DEFAULT_PRECISION, check_precision, precision_note, set_precision
 from .kronos.presets import DEFAULT_MAX_CONTEXT
 from .kronos.sampling import splitmix64
 
 PATH = "path"
+
+logger = logging.getLogger("kronos.forecaster")
 
 
 # Ranges of the integer params (documented in the README's params table). The server's
@@ -179,7 +183,14 @@ class Forecast:
 
 
 class KronosForecaster:
-    """A Kronos tokenizer + predictor pair with pandas in and out. Always in eval mode."""
+    """A Kronos tokenizer + predictor pair with pandas in and out. Always in eval mode.
+
+    `dtype` is the predictor's generation precision (`model_package.kronos.precision`):
+    "float32" (default), "bfloat16" or "float16" (CUDA; bfloat16 also runs, slowly, on CPUs
+    without native bfloat16) or "int8" (CPU: int8 weights in the decode steps). The model is
+    converted in place; the tokenizer always stays float32. A combination the device cannot
+    run raises ValueError naming `dtype_name` ("dtype", or the environment variable it came from).
+    """
 
     def __init__(
         self,
@@ -190,14 +201,21 @@ class KronosForecaster:
         mode: str = "fast",
         clip: float = 5.0,
         source: dict | None = None,
+        dtype: str = DEFAULT_PRECISION,
+        *,
+        dtype_name: str = "dtype",
     ) -> None:
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
         if max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {max_context}")
         self.device = resolve_device(device)
+        self.dtype = check_precision(dtype, self.device, dtype_name)
+        note = precision_note(self.dtype, self.device)
+        if note is not None:
+            logger.warning(note)
         self.tokenizer = tokenizer.to(self.device).eval()
-        self.model = model.to(self.device).eval()
+        self.model = set_precision(model.to(self.device).eval(), self.dtype, dtype_name)
         self.max_context = int(max_context)
         self.mode = mode
         self.clip = clip
@@ -216,13 +234,17 @@ class KronosForecaster:
         tokenizer_revision: str | None = None,
         cache_dir: str | Path | None = None,
         mode: str = "fast",
+        dtype: str = DEFAULT_PRECISION,
+        dtype_name: str = "dtype",
     ) -> KronosForecaster:
         """Load both parts from local directories or Hugging Face hub ids.
 
         `tokenizer=None` picks the tokenizer the named model was published with
         (`NeoQuasar/Kronos-small` -> `NeoQuasar/Kronos-Tokenizer-base`); `max_context=None`
         uses the published context of that model shape (2048 for mini, 512 otherwise).
+        `dtype`: the generation precision (see the class); checked before anything loads.
         """
+        check_precision(dtype, resolve_device(device), dtype_name)
         preset = preset_by_name(str(model))
         if tokenizer is None:
             if preset is None:
@@ -242,12 +264,15 @@ class KronosForecaster:
             "tokenizer_revision": tokenizer_revision,
             "model_revision": revision,
         }
-        return cls(kronos_tokenizer, kronos_model, max_context, device, mode, source=source)
+        return cls(
+            kronos_tokenizer, kronos_model, max_context, device, mode, source=source, dtype=dtype, dtype_name=dtype_name
+        )
 
     def describe(self) -> dict:
         """Shapes and sizes, for model metadata."""
         return {
             "max_context": self.max_context,
+            "dtype": self.dtype,
             "model_config": self.model.config.to_dict(),
             "tokenizer_config": self.tokenizer.config.to_dict(),
             "model_parameters": count_parameters(self.model),

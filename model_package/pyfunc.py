@@ -35,6 +35,7 @@ from .signature import PARAM_SPECS
 TOKENIZER_ARTIFACT = "tokenizer"
 MODEL_ARTIFACT = "model"
 MAX_CONTEXT_KEY = "max_context"  # key of the logged model_config
+DTYPE_VARIABLE = "KRONOS_DTYPE"  # ModelSettings.dtype, named in load errors
 
 # Request-level keys that MLServer's V2 protocol may pass along with the params.
 TRANSPORT_PARAMS = frozenset({"content_type", "headers"})
@@ -249,7 +250,10 @@ class KronosPyfuncModel(PythonModel):
     settings: ModelSettings
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Load tokenizer and model from the artifacts; settings from KRONOS_* variables."""
+        """Load tokenizer and model from the artifacts; settings from KRONOS_* variables.
+
+        A precision the device cannot run (`KRONOS_DTYPE=float16` on cpu, `int8` on cuda)
+        raises ValueError naming KRONOS_DTYPE before the weights are read."""
         self.settings = ModelSettings()
         max_context = (context.model_config or {}).get(MAX_CONTEXT_KEY)
         self.forecaster = KronosForecaster.from_pretrained(
@@ -258,6 +262,8 @@ class KronosPyfuncModel(PythonModel):
             max_context=int(max_context) if max_context is not None else None,
             device=self.settings.device,
             mode=self.settings.generation_mode,
+            dtype=self.settings.dtype,
+            dtype_name=DTYPE_VARIABLE,
         )
 
     def predict(

@@ -1,4 +1,4 @@
-"""Serving settings of the Kronos pyfunc: device, generation mode, request limits, budgets.
+"""Serving settings of the Kronos pyfunc: device, precision, generation mode, request limits, budgets.
 
 Read from the environment with the prefix `KRONOS_` (for example `KRONOS_DEVICE=cpu`,
 `KRONOS_MAX_PRED_LEN=128`). A request over a limit is refused with a `KronosInputError`
@@ -15,11 +15,15 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KRONOS_"
 MIB = 1 << 20
+
+# The generation precisions, as model_package.kronos.precision.PRECISIONS names them (spelled
+# out here so that this module stays free of torch; a test keeps the two equal).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
 
 
 class ModelSettings(BaseSettings):
@@ -28,6 +32,11 @@ class ModelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     device: str = Field("auto", description='"auto" (cuda when available, else cpu), "cpu", "cuda:0"...')
+    dtype: str = Field(
+        "float32",
+        description="generation precision: float32, bfloat16 or float16 (cuda), int8 (cpu); "
+        "see model_package.kronos.precision",
+    )
     generation_mode: Literal["fast", "reference", "rolling"] = Field(
         "fast", description="generator implementation (see model_package.kronos.generation)"
     )
@@ -44,6 +53,16 @@ class ModelSettings(BaseSettings):
     max_request_candles: int = Field(
         262_144, ge=1, description="candles one request may generate (series x sample_count x pred_len)"
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, value: object) -> object:
+        """One of DTYPES (case and surrounding blanks ignored); whether the device runs it
+        is checked when the model loads."""
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in DTYPES:
+            raise ValueError(f"{ENV_PREFIX}DTYPE must be one of {', '.join(DTYPES)}, got {value!r}")
+        return text
 
     @property
     def max_request_memory_bytes(self) -> int:

@@ -1,17 +1,15 @@
-"""The fast generator's inner loop: packed weights and attention over shared prefixes.
+"""The engine's step arithmetic: the predictor's weights packed for one-position steps.
 
-Two facts make per-step generation cheap:
+A step evaluates one new position per row, so every weight matrix is read once to multiply
+a few vectors and the step is bound by memory bandwidth. `PackedKronos` keeps the weights
+fused (q/k/v in one matrix, w1/w3 in one) and input-major ([in, out], the layout whose
+products read fastest on CPU for every row count we measured with torch 2.13, and the
+natural one on GPU). With the opt-in reduced precision (`precision.set_precision`) they
+are in the model's half dtype, or int8 (`precision.Int8Dense`, CPU), which reads a
+quarter of the bytes. The attention itself (which keys each row sees) is the caller's:
+`trunk` takes it as a function (`engine.Lane.attend`, `engine.grid_attention`).
 
-- A step evaluates one new position per row, so every weight matrix is read once to
-  multiply a few vectors and the step is bound by memory bandwidth. `PackedKronos` keeps
-  the weights fused (q/k/v in one matrix, w1/w3 in one) and in two layouts (`Dense`),
-  using whichever CPU products read fastest for the step's row count.
-- The sample paths of one series share their whole history. `SharedPrefixKV` keeps the
-  history's keys/values once per series and only the generated part per path, and
-  `shared_prefix_attention` reads each prefix once for all paths of its series.
-
-Shapes: n rows (sample paths), B series, S slots per series (max paths), H heads, hd head
-size, Tq query positions per row, Lp prefix keys, Ts suffix keys, d model size.
+Shapes: n rows, H heads, hd head size, Tq query positions per row, d model size.
 """
 
 from __future__ import annotations
@@ -25,21 +23,14 @@ import torch.nn.functional as F
 
 from .layers import RotaryEmbedding, TransformerBlock, apply_rotary, rms_norm
 from .model import Kronos
-
-# For this many rows, out^T = W [out, in] @ x^T is the faster product on CPU (MKL reads a
-# tall weight against a few columns well). Measured on the Kronos-small trunk, 2 threads:
-# 2x faster at 16 rows, 1.2x at 256, slower at 1-3 rows and at 380 or more.
-WEIGHT_MAJOR_ROWS = range(4, 257)
+from .precision import Int8Dense, model_precision
 
 
 @dataclass
 class Dense:
-    """A (fused) linear layer kept in both layouts: weight-major [out, in] for row counts in
-    WEIGHT_MAJOR_ROWS on CPU, input-major [in, out] otherwise. Same arithmetic either way
-    (one dot product per output), different memory access."""
+    """A (fused) linear layer, input-major: out = x @ input_major + bias."""
 
     input_major: torch.Tensor  # [in, out]
-    weight_major: torch.Tensor  # [out, in]
     bias: torch.Tensor | None  # [out]
 
     @classmethod
@@ -48,52 +39,49 @@ class Dense:
         weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
         biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
         bias = torch.cat(biases).contiguous() if biases else None
-        return cls(weight.t().contiguous(), weight.contiguous(), bias)
+        return cls(weight.t().contiguous(), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
         flat = x.reshape(-1, x.shape[-1])
-        out_features = self.weight_major.shape[0]
-        if flat.shape[0] in WEIGHT_MAJOR_ROWS and flat.device.type == "cpu":
-            transposed = (
-                torch.addmm(self.bias[:, None], self.weight_major, flat.t())
-                if self.bias is not None
-                else self.weight_major @ flat.t()
-            )  # [out, rows]
-            out = transposed.t().contiguous()
-        elif self.bias is not None:
-            out = torch.addmm(self.bias, flat, self.input_major)
-        else:
-            out = flat @ self.input_major
-        return out.reshape(*x.shape[:-1], out_features)
+        out = flat @ self.input_major if self.bias is None else torch.addmm(self.bias, flat, self.input_major)
+        return out.reshape(*x.shape[:-1], self.input_major.shape[1])
+
+
+# A packed layer: Dense in the model's dtype (float32, bfloat16, float16) or, with the int8
+# precision, Int8Dense (model_package/kronos/precision.py). Both map x [..., in] -> [..., out].
+StepLinear = Dense | Int8Dense
 
 
 @dataclass
 class PackedBlock:
     norm1: torch.Tensor  # [d]
-    qkv: Dense  # d -> 3d
-    out: Dense  # d -> d
+    qkv: StepLinear  # d -> 3d
+    out: StepLinear  # d -> d
     norm2: torch.Tensor  # [d]
-    w13: Dense  # d -> 2 ff (gate, up)
-    w2: Dense  # ff -> d
+    w13: StepLinear  # d -> 2 ff (gate, up)
+    w2: StepLinear  # ff -> d
 
 
 @dataclass
 class PackedKronos:
-    """Fused copies of a Kronos model's weights for the steps (built once, reused)."""
+    """Fused copies of a Kronos model's weights for the steps (built once, reused), in the
+    precision recorded on the model (`precision.set_precision`): hidden states are in the
+    model's dtype (float32 for int8), logits are always float32."""
 
     blocks: list[PackedBlock]
     final_norm: torch.Tensor
-    fusion: Dense  # 2d -> d
-    s1_head: Dense  # d -> V1
-    s2_head: Dense  # d -> V2
-    dep_q: Dense  # d -> d
-    dep_kv: Dense  # d -> 2d
-    dep_out: Dense  # d -> d
+    fusion: StepLinear  # 2d -> d
+    s1_head: StepLinear  # d -> V1
+    s2_head: StepLinear  # d -> V2
+    dep_q: StepLinear  # d -> d
+    dep_kv: StepLinear  # d -> 2d
+    dep_out: StepLinear  # d -> d
     dep_norm: torch.Tensor
     n_heads: int
     dep_heads: int
     signature: tuple
+    precision: str = "float32"
 
     # -- trunk ------------------------------------------------------------------------------
 
@@ -132,8 +120,8 @@ class PackedKronos:
     # -- heads ------------------------------------------------------------------------------
 
     def s1_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [n, d] -> [n, V1]."""
-        return self.s1_head(h)
+        """h [n, d] -> [n, V1] float32."""
+        return self.s1_head(h).float()
 
     def dependency_keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, T, d] -> s2-head keys, values [n, 4, T, d/4]."""
@@ -145,21 +133,26 @@ class PackedKronos:
     def s2_logits(
         self, model: Kronos, h_last: torch.Tensor, s1: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """h_last [n, d], chosen s1 [n] -> [n, V2]; attend(q [n, 4, 1, hd]) -> [n, 4, 1, hd]
+        """h_last [n, d], chosen s1 [n] -> [n, V2] float32; attend(q [n, 4, 1, hd]) -> [n, 4, 1, hd]
         runs the cross-attention over the row's window keys."""
         n, d = h_last.shape
         query = model.embedding.emb_s1(s1)  # [n, d] raw embedding row
         q = self.dep_q(query).view(n, self.dep_heads, 1, d // self.dep_heads)
         attended = self.dep_out(attend(q).reshape(n, d))  # [n, d]
-        return self.s2_head(rms_norm(h_last + attended, self.dep_norm))
+        return self.s2_head(rms_norm(h_last + attended, self.dep_norm)).float()
 
 
 def packed_weights(model: Kronos) -> PackedKronos:
-    """The packed copy of `model`'s weights, rebuilt whenever a parameter changed or moved."""
-    signature = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """The packed copy of `model`'s weights in the model's precision (`precision.model_precision`),
+    rebuilt whenever a parameter changed or moved or the precision changed."""
+    precision = model_precision(model)
+    signature = (precision, *((p.data_ptr(), p._version) for p in model.parameters()))
     cached = model.__dict__.get("_packed_weights")
     if cached is not None and cached.signature == signature:
         return cached
+    # int8: every packed layer (the heads too: keeping them float32 did not raise the token
+    # agreement with float32, see PERFORMANCE.md "Reduced precision").
+    linear: Callable[..., StepLinear] = Int8Dense.of if precision == "int8" else Dense.of
     with torch.no_grad():
         blocks = []
         for block in cast("list[TransformerBlock]", list(model.transformer)):
@@ -167,152 +160,28 @@ def packed_weights(model: Kronos) -> PackedKronos:
             blocks.append(
                 PackedBlock(
                     block.norm1.weight.detach(),
-                    Dense.of(attn.q_proj, attn.k_proj, attn.v_proj),
-                    Dense.of(attn.out_proj),
+                    linear(attn.q_proj, attn.k_proj, attn.v_proj),
+                    linear(attn.out_proj),
                     block.norm2.weight.detach(),
-                    Dense.of(ffn.w1, ffn.w3),
-                    Dense.of(ffn.w2),
+                    linear(ffn.w1, ffn.w3),
+                    linear(ffn.w2),
                 )
             )
         cross = model.dep_layer.cross_attn
         packed = PackedKronos(
             blocks,
             model.norm.weight.detach(),
-            Dense.of(model.embedding.fusion_proj),
-            Dense.of(model.head.proj_s1),
-            Dense.of(model.head.proj_s2),
-            Dense.of(cross.q_proj),
-            Dense.of(cross.k_proj, cross.v_proj),
-            Dense.of(cross.out_proj),
+            linear(model.embedding.fusion_proj),
+            linear(model.head.proj_s1),
+            linear(model.head.proj_s2),
+            linear(cross.q_proj),
+            linear(cross.k_proj, cross.v_proj),
+            linear(cross.out_proj),
             model.dep_layer.norm.weight.detach(),
             n_heads=model.config.n_heads,
             dep_heads=cross.n_heads,
             signature=signature,
+            precision=precision,
         )
     model.__dict__["_packed_weights"] = packed
     return packed
-
-
-@dataclass
-class RowLayout:
-    """Where each row's shared prefix is: row r belongs to prefix slot[r] // S, path slot
-    slot[r] % S. `prefix_mask` [B, Lp] and `suffix_mask` [Tq, Ts] (True = visible) hide
-    padding, out-of-window or future keys; None means all visible. `suffix_from` [n]
-    (device) hides each row's suffix columns before that index (a row that joined a running
-    generation has no keys in the columns filled before it came).
-
-    `slot` lives on the CPU (bookkeeping never waits for the device); `device_slot` is its
-    copy on the compute device.
-    """
-
-    slot: torch.Tensor  # [n] int64, cpu
-    n_series: int
-    slots_per_series: int
-    device: torch.device
-    prefix_mask: torch.Tensor | None = None
-    suffix_mask: torch.Tensor | None = None
-    suffix_from: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self.keep(torch.arange(len(self.slot)))
-
-    def keep(self, keep: torch.Tensor) -> None:
-        """Keep the rows at positions `keep` [m] (cpu)."""
-        self.slot = self.slot[keep]
-        self.device_slot = self.slot.to(self.device)
-        if self.suffix_from is not None:
-            self.suffix_from = self.suffix_from[keep.to(self.device)]
-        self.one_row_per_series = self.slots_per_series == 1 and torch.equal(self.slot, torch.arange(self.n_series))
-
-    @property
-    def series_slot(self) -> torch.Tensor:
-        """[n] prefix index of each row, on the device."""
-        return self.device_slot // self.slots_per_series
-
-
-def _to_slots(rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-    """[n, H, Tq, X] per row -> [B, H, S*Tq, X] per prefix (empty slots are zero)."""
-    n, H, Tq, X = rows.shape
-    B, S = layout.n_series, layout.slots_per_series
-    if layout.one_row_per_series:
-        return rows
-    grid = rows.new_zeros(B * S, H, Tq, X)
-    grid[layout.device_slot] = rows
-    return grid.view(B, S, H, Tq, X).transpose(1, 2).reshape(B, H, S * Tq, X)
-
-
-def _from_slots(grid: torch.Tensor, layout: RowLayout, Tq: int) -> torch.Tensor:
-    """Inverse of _to_slots: [B, H, S*Tq, X] -> [n, H, Tq, X]."""
-    if layout.one_row_per_series:
-        return grid
-    B, H, _, X = grid.shape
-    S = layout.slots_per_series
-    return grid.view(B, H, S, Tq, X).transpose(1, 2).reshape(B * S, H, Tq, X)[layout.device_slot]
-
-
-def shared_prefix_attention(
-    q: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    suffix_k: torch.Tensor,
-    suffix_v: torch.Tensor,
-    layout: RowLayout,
-) -> torch.Tensor:
-    """Softmax attention of q [n, H, Tq, hd] over the row's prefix keys (prefix_k/v
-    [B, H, Lp, hd], shared by the rows of one series) followed by its own suffix keys
-    (suffix_k/v [n, H, Ts, hd]) -> [n, H, Tq, hd]. One softmax spans both parts."""
-    Tq, hd = q.shape[2], q.shape[3]
-    Lp = prefix_k.shape[2]
-    scale = hd**-0.5
-    prefix_scores = _to_slots(q, layout) @ prefix_k.transpose(-1, -2) * scale  # [B, H, S*Tq, Lp]
-    if layout.prefix_mask is not None:
-        prefix_scores = prefix_scores.masked_fill(~layout.prefix_mask[:, None, None, :], float("-inf"))
-    suffix_scores = q @ suffix_k.transpose(-1, -2) * scale  # [n, H, Tq, Ts]
-    if layout.suffix_mask is not None:
-        suffix_scores = suffix_scores.masked_fill(~layout.suffix_mask, float("-inf"))
-    if layout.suffix_from is not None:
-        columns = torch.arange(suffix_k.shape[2], device=q.device)
-        hidden = columns[None, :] < layout.suffix_from[:, None]  # [n, Ts]
-        suffix_scores = suffix_scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    scores = torch.cat((_from_slots(prefix_scores, layout, Tq), suffix_scores), dim=-1)
-    probs = scores.softmax(dim=-1)  # [n, H, Tq, Lp + Ts]
-    prefix_probs, suffix_probs = probs.split((Lp, probs.shape[-1] - Lp), dim=-1)
-    from_prefix = _from_slots(_to_slots(prefix_probs, layout) @ prefix_v, layout, Tq)
-    return from_prefix + suffix_probs @ suffix_v
-
-
-class SharedPrefixKV:
-    """One attention layer's keys/values: prefix [B, H, Lp, hd] per series, suffix
-    [n, H, capacity, hd] per row with `length` columns filled."""
-
-    def __init__(self, prefix_k: torch.Tensor, prefix_v: torch.Tensor, rows: int, capacity: int) -> None:
-        self.prefix_k, self.prefix_v = prefix_k, prefix_v
-        B, H, _, hd = prefix_k.shape
-        self.suffix_k = prefix_k.new_zeros(rows, H, capacity, hd)
-        self.suffix_v = torch.zeros_like(self.suffix_k)
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [n, H, T, hd] -> written after the filled suffix columns."""
-        end = self.length + k.shape[2]
-        self.suffix_k[:, :, self.length : end] = k
-        self.suffix_v[:, :, self.length : end] = v
-        self.length = end
-
-    def attend(self, q: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-        return shared_prefix_attention(
-            q,
-            self.prefix_k,
-            self.prefix_v,
-            self.suffix_k[:, :, : self.length],
-            self.suffix_v[:, :, : self.length],
-            layout,
-        )
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        self.suffix_k = self.suffix_k.index_select(0, rows)
-        self.suffix_v = self.suffix_v.index_select(0, rows)
-
-    def nbytes(self) -> int:
-        tensors = (self.prefix_k, self.prefix_v, self.suffix_k, self.suffix_v)
-        return sum(t.numel() * t.element_size() for t in tensors)

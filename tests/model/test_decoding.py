@@ -1,11 +1,11 @@
-"""Packed step weights: both layouts of a fused layer compute what nn.Linear computes."""
+"""Packed step weights: a fused layer computes what its nn.Linear layers compute."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model_package.kronos.decoding import WEIGHT_MAJOR_ROWS, Dense
+from model_package.kronos.decoding import Dense
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 256, 300])
@@ -22,4 +22,3 @@ def test_fused_layer_equals_the_linear_layers_for_any_row_count(rows, bias):
     got = dense(x)
     assert got.shape == (rows, 1, 48) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (rows in WEIGHT_MAJOR_ROWS) == (4 <= rows <= 256)
