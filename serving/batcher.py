@@ -443,7 +443,6 @@ class SeriesBatcher:
             stop,
             self._progressed,
             jobs,
-            sum(job.n_bytes for job in jobs),
         )
 
     def _progressed(self) -> None:

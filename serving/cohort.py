@@ -44,7 +44,6 @@ class Cohort:
     stop: Callable[[int], bool]  # request index -> True once it should be dropped
     progressed: Callable[[], None]  # called after every generation step
     jobs: list[Any] = field(default_factory=list)  # the caller's handles, in request order
-    charged_bytes: int = 0  # memory charged for these requests (sum of their costs)
     owner: list[int] = field(init=False)
     admission: Admission | None = None  # its place in a row pool
     outputs: list[SeriesOutput | None] | None = None

@@ -540,9 +540,12 @@ class Engine:
         for key, lane in self.lanes.items():
             if key not in by_lane:
                 total += lane.held_bytes()
-        for key, joining in by_lane.items():
-            lane = self.lanes.get(key) or self._new_lane(key)
-            total += lane.bytes_for(*lane.grown(len(joining), max(s.pred_len for s in joining)))
+        for (S, Wp), joining in by_lane.items():
+            existing, horizon = self.lanes.get((S, Wp)), max(s.pred_len for s in joining)
+            if existing is None:  # a new lane, sized like Lane.grown sizes an empty one
+                total += lane_bytes(self.shape, pow2_at_least(len(joining)), S, Wp, horizon)
+            else:
+                total += existing.bytes_for(*existing.grown(len(joining), horizon))
         reserve = sum(self._window_reserve(s.input) for s in self.series)
         return total + reserve + sum(self._window_reserve(s) for s in series)
 
