@@ -13,7 +13,7 @@ BIN_PD3 := $(VENV_PD3)/bin
 STAMP_PD3 := $(VENV_PD3)/.installed
 PIP_PD3 := $(BIN_PD3)/python -m pip --disable-pip-version-check -q
 
-.PHONY: help secrets venv system test test-pandas3 test-fast lint serve bench bench-train demo-model demo-model-card loadtest soak clean
+.PHONY: help secrets venv system test test-pandas3 test-fast lint serve bench bench-train bench-batch demo-model demo-model-card loadtest soak clean
 
 help:
 	@echo "make test    - set up (venv, packages, system services) and run the whole test suite"
@@ -21,6 +21,7 @@ help:
 	@echo "make serve   - set up and run the serving stack on the embedded default registry"
 	@echo "make bench   - model-level benchmark: reference vs fast generation"
 	@echo "make bench-train - training step vs upstream Kronos (needs ../shared/reference)"
+	@echo "make bench-batch - batch forecasts: Spark local[1] / local[2] vs one pyfunc call vs a loop"
 	@echo "make demo-model - train the shipped demo model from scratch (CPU, <30 min) + its model card"
 	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
@@ -35,7 +36,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install $(TORCH_PIN) 2>&1 | grep -v "^WARNING: Location" || true
 	echo "$(TORCH_PIN)" > $(VENV)/torch-constraint.txt
 	$(PIP) install -c $(VENV)/torch-constraint.txt -e '.[dev,serving]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, mlflow, mlserver, pandas; assert torch.__version__.startswith('2.13.0')"
+	$(BIN)/python -c "import torch, mlflow, mlserver, pandas, pyspark; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -77,6 +78,9 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m model_package.bench $(BENCH_ARGS)
+
+bench-batch: venv system
+	$(BIN)/python -m batch.bench $(BENCH_ARGS)
 
 # Training throughput (windows/s) of our training step against upstream Kronos's, same batch,
 # same process; upstream's code is read from ../shared/reference/kronos-upstream.

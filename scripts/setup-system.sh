@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools the test suite drives for real, when they are missing:
 # PostgreSQL (registry backend), nginx (gateway), promtool (alert rules, from Debian's
-# prometheus package) and docker-compose (static check of the compose file).
+# prometheus package), docker-compose (static check of the compose file) and Java 17+ for
+# Apache Spark (batch forecasts, `kronos-batch`).
 set -euo pipefail
 
 need=()
@@ -9,6 +10,10 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+java_major() { java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n 1; }
+if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ] 2>/dev/null; then
+    need+=(default-jre-headless)  # Debian 12: OpenJDK 17
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

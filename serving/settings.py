@@ -23,7 +23,7 @@ from model_package.settings import ENV_PREFIX, MIB, ModelSettings, check_environ
 from .launch_settings import LaunchSettings
 
 # Variables of other programs of the project that may share an environment with the server.
-OTHER_NAMESPACES = ("KRONOS_GATEWAY_",)
+OTHER_NAMESPACES = ("KRONOS_GATEWAY_", "KRONOS_BATCH_")
 
 
 def default_model_cache_dir() -> Path:
