@@ -108,9 +108,9 @@ def job_options(args: argparse.Namespace, model: PinnedModel, settings: BatchSet
         "quantiles": args.quantiles,
         "freq": args.freq,
     }
-    params = sampling_params({k: v for k, v in given.items() if v is not None})
-    if params.seed is None:  # every job is replayable: its base seed is logged
-        params = sampling_params({**{k: v for k, v in given.items() if v is not None}, "seed": secrets.randbits(64)})
+    present = {k: v for k, v in given.items() if v is not None}
+    present.setdefault("seed", secrets.randbits(64))  # every job is replayable: its base seed is logged
+    params = sampling_params(present)
     chunk = args.chunk_series if args.chunk_series is not None else settings.chunk_series
     return BatchOptions(params, model.version, parse_as_of(args.as_of), args.last, chunk)
 
