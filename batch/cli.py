@@ -54,6 +54,9 @@ def build_parser(settings: BatchSettings) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_text, default=None, help="base seed; each series' seed: it and the id")
     parser.add_argument("--quantiles", type=_text, default=None, help='"0.1,0.9" -> {column}_q{level} columns')
     parser.add_argument("--freq", type=_text, default=None, help="pandas offset alias of the future")
+    parser.add_argument(
+        "--calendar", type=_text, default=None, help='exchange calendar of the future bars ("XNYS", "24/7")'
+    )
     parser.add_argument("--as-of", type=_text, default=None, help="backtest cut-off: history <= TS, realised beside")
     parser.add_argument("--last", type=_optional_int, default=None, help="only the last N candles of each history")
     parser.add_argument(
@@ -107,6 +110,7 @@ def job_options(args: argparse.Namespace, model: PinnedModel, settings: BatchSet
         "seed": args.seed,
         "quantiles": args.quantiles,
         "freq": args.freq,
+        "calendar": args.calendar,
     }
     present = {k: v for k, v in given.items() if v is not None}
     present.setdefault("seed", secrets.randbits(64))  # every job is replayable: its base seed is logged
@@ -162,6 +166,7 @@ def _log_run(registry: Registry, args: argparse.Namespace, master: str, job: Job
                 "seed": params.seed,
                 "quantiles": ",".join(f"{q:g}" for q in params.quantiles),
                 "freq": params.freq or "",
+                "calendar": params.calendar or "",
                 "as_of": str(job.options.as_of or ""),
                 "last": job.options.last or "",
                 "chunk_series": job.options.chunk_series,

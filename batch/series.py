@@ -17,6 +17,7 @@ Per series:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,13 +26,19 @@ import pandas as pd
 
 from model_package.calendar import parse_timestamps
 from model_package.errors import KronosInputError
-from model_package.forecaster import KronosForecaster, PreparedRequest, PreparedSeries, quantile_column
+from model_package.forecaster import ANSWER_ATTR, KronosForecaster, PreparedRequest, quantile_column
 from model_package.frames import CANDLE_COLUMNS, SERIES_ID, TIMESTAMP
 from model_package.kronos import generate
 
 from .options import BatchOptions, id_seed
 
 MODEL_VERSION = "model_version"
+# Replay columns (text): the series' own seed (decimal; up to 2**64 - 1, beyond Spark's
+# long), the sha256 of the predictor's weights file, and the job's sampling params as JSON
+# without the seed. `pyfunc.predict(history, params={**json.loads(params), "seed": int(seed)})`
+# of the same history and version gives the same rows.
+SEED, WEIGHTS_DIGEST, PARAMS = "seed", "weights_digest", "params"
+TEXT_COLUMNS = (MODEL_VERSION, SEED, WEIGHTS_DIGEST, PARAMS)
 REALISED_PREFIX = "realised_"
 FIELD, RULE = "field", "rule"
 ERROR_COLUMNS = (SERIES_ID, FIELD, RULE)
@@ -47,7 +54,7 @@ def forecast_columns(quantiles: Sequence[float], with_realised: bool) -> list[st
     columns += [quantile_column(c, q) for c in CANDLE_COLUMNS for q in quantiles]
     if with_realised:
         columns += [realised_column(c) for c in CANDLE_COLUMNS]
-    return [*columns, MODEL_VERSION]
+    return [*columns, *TEXT_COLUMNS]
 
 
 @dataclass
@@ -63,7 +70,7 @@ class _Ready:
     """A checked series waiting for generation."""
 
     series_id: object
-    prepared: PreparedSeries
+    request: PreparedRequest  # this series alone, seeded by its id
     realised: pd.DataFrame | None  # rows after as_of, indexed by timestamp
 
 
@@ -84,14 +91,13 @@ def forecast_group(forecaster: KronosForecaster, candles: pd.DataFrame, options:
         outputs, forecaster.last_stats = generate(
             forecaster.tokenizer,
             forecaster.model,
-            [item.prepared.inputs for item in chunk],
+            [item.request.series[0].inputs for item in chunk],
             forecaster.max_context,
             forecaster.mode,
         )
         for item, output in zip(chunk, outputs, strict=True):
-            request = PreparedRequest(options.params, [item.prepared], has_series_id=True)
             try:
-                frame = forecaster.finish(request, [output]).frame
+                frame = forecaster.finish(item.request, [output]).frame
             except KronosInputError as exc:  # a forecast that is not finite
                 errors.append((item.series_id, exc.field, exc.rule))
                 continue
@@ -118,11 +124,12 @@ def _prepare(forecaster: KronosForecaster, series_id: object, part: pd.DataFrame
         history = history.tail(options.last).reset_index(drop=True)
     params = replace(options.params, seed=id_seed(options.params.seed, series_id))  # type: ignore[arg-type]
     request = forecaster.prepare(history, params)
-    return _Ready(series_id, request.series[0], realised)
+    return _Ready(series_id, request, realised)
 
 
 def _with_extras(frame: pd.DataFrame, realised: pd.DataFrame | None, options: BatchOptions) -> pd.DataFrame:
-    """The realised candles beside the forecast (by timestamp) and the model version."""
+    """The realised candles beside the forecast (by timestamp), the model version and the
+    replay columns (from the answer facts `finish` put in the frame's attrs)."""
     if options.as_of is not None:
         future = pd.DatetimeIndex(frame[TIMESTAMP])
         for column in CANDLE_COLUMNS:
@@ -131,7 +138,11 @@ def _with_extras(frame: pd.DataFrame, realised: pd.DataFrame | None, options: Ba
                 matched = pd.to_numeric(realised[column], errors="coerce").reindex(future)
                 values = matched.to_numpy(dtype=np.float64)
             frame[realised_column(column)] = values
+    facts = frame.attrs[ANSWER_ATTR]
     frame[MODEL_VERSION] = options.model_version
+    frame[SEED] = str(facts["seed"])
+    frame[WEIGHTS_DIGEST] = facts["weights_digest"]
+    frame[PARAMS] = json.dumps({k: v for k, v in facts["params"].items() if k != SEED}, sort_keys=True)
     return frame
 
 

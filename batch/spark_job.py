@@ -34,7 +34,7 @@ from model_package.frames import CANDLE_COLUMNS, PRICE_COLUMNS, SERIES_ID, TIMES
 
 from .model import PinnedModel, worker_forecaster
 from .options import BatchOptions
-from .series import ERROR_COLUMNS, FIELD, MODEL_VERSION, RULE, forecast_columns, forecast_group
+from .series import ERROR_COLUMNS, FIELD, RULE, TEXT_COLUMNS, forecast_columns, forecast_group
 from .shipping import ship_code
 
 FORECASTS_DIR, ERRORS_DIR, STAGING_DIR = "forecasts", "errors", "_staging"
@@ -175,8 +175,8 @@ def output_schema(id_type: T.DataType, columns: list[str]) -> T.StructType:
     for name in columns[1:]:
         if name == TIMESTAMP:
             fields.append(T.StructField(TIMESTAMP, T.TimestampNTZType()))
-        elif name == MODEL_VERSION:
-            fields.append(T.StructField(MODEL_VERSION, T.StringType()))
+        elif name in TEXT_COLUMNS:
+            fields.append(T.StructField(name, T.StringType()))
         else:
             fields.append(T.StructField(name, T.DoubleType()))
     fields += [T.StructField(FIELD, T.StringType()), T.StructField(RULE, T.StringType())]

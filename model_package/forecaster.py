@@ -9,11 +9,13 @@ requests in one generation pass and still hand each request its own frame.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,12 +46,17 @@ from .kronos import (
     load_tokenizer,
     preset_by_name,
     preset_for_config,
+    resolve_checkpoint,
 )
+from .kronos.checkpoint import weights_sha256
 from .kronos.precision import DEFAULT_PRECISION, check_precision, precision_note, set_precision
 from .kronos.presets import DEFAULT_MAX_CONTEXT
 from .kronos.sampling import splitmix64
+from .trading_calendar import calendar_future_timestamps, check_calendar
 
 PATH = "path"
+ANSWER_ATTR = "kronos"  # forecast frames' .attrs key holding `KronosForecaster.answer_facts`
+DRAWN_SEED_BITS = 63  # a drawn seed fits gRPC's int64 parameters and JSON integers alike
 
 logger = logging.getLogger("kronos.forecaster")
 
@@ -76,6 +83,7 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness; 0 .. SEED_MAX
     quantiles: tuple[float, ...] = ()  # levels in (0, 1) -> {column}_q{level} columns
     freq: str | None = None  # pandas offset alias ("B", "5min"); None = inferred per series
+    calendar: str | None = None  # exchange calendar ("XNYS", "24/7"): future bars on its sessions
     strict_candles: bool = True  # prices > 0, low <= open, close <= high, volume/amount >= 0
     repair_candles: bool = False  # forecast paths made well-formed: see frames.repair_candles
 
@@ -100,6 +108,7 @@ class SamplingParams:
         set_(self, "quantiles", _checked_levels(self.quantiles))
         if self.freq is not None and not isinstance(self.freq, str):
             raise KronosInputError("freq", f"must be a string (pandas offset alias), got {brief(self.freq)}")
+        set_(self, "calendar", check_calendar(self.calendar))
         if not isinstance(self.strict_candles, (bool, np.bool_)):
             raise KronosInputError("strict_candles", f"must be true or false, got {brief(self.strict_candles)}")
         set_(self, "strict_candles", bool(self.strict_candles))
@@ -168,10 +177,20 @@ class PreparedRequest:
     params: SamplingParams
     series: list[PreparedSeries]
     has_series_id: bool
+    seed: int  # the base seed used: params.seed, or the one drawn for this request (63 bits)
 
     @property
     def inputs(self) -> list[SeriesInput]:
         return [s.inputs for s in self.series]
+
+    def replay_params(self) -> dict[str, Any]:
+        """Every sampling param of this request, defaults and the seed used included, as
+        JSON-ready values that `sampling_params` (pyfunc, server) accepts back: sent again
+        with the same history to the same weights, they give the same answer."""
+        values = dataclasses.asdict(self.params)
+        values["seed"] = self.seed
+        values["quantiles"] = list(self.params.quantiles)
+        return values
 
 
 @dataclass
@@ -263,6 +282,8 @@ class KronosForecaster:
             "model": str(model),
             "tokenizer_revision": tokenizer_revision,
             "model_revision": revision,
+            "tokenizer_sha256": weights_sha256(resolve_checkpoint(tokenizer, tokenizer_revision, cache_dir)),
+            "model_sha256": weights_sha256(resolve_checkpoint(model, revision, cache_dir)),
         }
         return cls(
             kronos_tokenizer, kronos_model, max_context, device, mode, source=source, dtype=dtype, dtype_name=dtype_name
@@ -296,6 +317,7 @@ class KronosForecaster:
         freq: str | None = _DEFAULTS.freq,
         strict_candles: bool = _DEFAULTS.strict_candles,
         repair_candles: bool = _DEFAULTS.repair_candles,
+        calendar: str | None = _DEFAULTS.calendar,
     ) -> pd.DataFrame:
         """Forecast `pred_len` candles per series: the mean over `sample_count` sampled
         paths, plus `{column}_q{level}` columns for each quantile level.
@@ -305,19 +327,22 @@ class KronosForecaster:
         ranges: `SamplingParams`. `strict_candles=False` accepts zero/negative prices and
         bars whose open/close lie outside [low, high] (see `model_package.frames`).
         `repair_candles=True` post-processes every sampled path into well-formed bars
-        (`frames.repair_candles`) before the mean and quantiles are taken.
+        (`frames.repair_candles`) before the mean and quantiles are taken. `calendar`
+        (an exchange calendar such as "XNYS", or "24/7") puts the future timestamps on that
+        exchange's sessions: `model_package.trading_calendar`.
         """
         params = SamplingParams(
-            pred_len,
-            temperature,
-            top_k,
-            top_p,
-            sample_count,
-            seed,
-            tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
-            freq,
-            strict_candles,
-            repair_candles,
+            pred_len=pred_len,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            sample_count=sample_count,
+            seed=seed,
+            quantiles=tuple(quantiles) if quantiles is not None else _DEFAULTS.quantiles,
+            freq=freq,
+            calendar=calendar,
+            strict_candles=strict_candles,
+            repair_candles=repair_candles,
         )
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
@@ -336,15 +361,27 @@ class KronosForecaster:
         freq: str | None = _DEFAULTS.freq,
         strict_candles: bool = _DEFAULTS.strict_candles,
         repair_candles: bool = _DEFAULTS.repair_candles,
+        calendar: str | None = _DEFAULTS.calendar,
     ) -> pd.DataFrame:
         """Every sampled path, long format: series_id (when given), `path`, timestamp and
         the six columns. With the same arguments, `predict` returns the mean of these."""
         params = SamplingParams(
-            pred_len, temperature, top_k, top_p, sample_count, seed, (), freq, strict_candles, repair_candles
+            pred_len=pred_len,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            sample_count=sample_count,
+            seed=seed,
+            freq=freq,
+            calendar=calendar,
+            strict_candles=strict_candles,
+            repair_candles=repair_candles,
         )
         request = self.prepare(history, params, future_timestamps)
         outputs, self.last_stats = generate(self.tokenizer, self.model, request.inputs, self.max_context, self.mode)
-        return paths_frame(request, self.finish(request, outputs).paths)
+        frame = paths_frame(request, self.finish(request, outputs).paths)
+        frame.attrs[ANSWER_ATTR] = self.answer_facts(request)
+        return frame
 
     # -- the two halves of a call ----------------------------------------------------------
 
@@ -359,7 +396,7 @@ class KronosForecaster:
         all_series = split_series(history, strict=params.strict_candles)
         has_series_id = SERIES_ID in history.columns
         futures = _future_by_series(future_timestamps, all_series, params, has_series_id)
-        base_seed = params.seed if params.seed is not None else secrets.randbits(64)
+        base_seed = params.seed if params.seed is not None else secrets.randbits(DRAWN_SEED_BITS)
         prepared = []
         for index, series in enumerate(all_series):
             future = futures[index]
@@ -376,7 +413,7 @@ class KronosForecaster:
                 seed=series_seed(base_seed, index),
             )
             prepared.append(PreparedSeries(series, future, mean, std, inputs))
-        return PreparedRequest(params, prepared, has_series_id)
+        return PreparedRequest(params, prepared, has_series_id, base_seed)
 
     def finish(self, request: PreparedRequest, outputs: Sequence[SeriesOutput | None]) -> Forecast:
         """Turn generated paths into the request's forecast frame (prices, mean, quantiles)."""
@@ -409,7 +446,20 @@ class KronosForecaster:
                     for k, level in enumerate(levels):
                         columns[quantile_column(name, level)] = qs[k, :, j].astype(np.float64)
             frames.append(pd.DataFrame(columns))
-        return Forecast(pd.concat(frames, ignore_index=True), all_paths)
+        frame = pd.concat(frames, ignore_index=True)
+        frame.attrs[ANSWER_ATTR] = self.answer_facts(request)
+        return Forecast(frame, all_paths)
+
+    def answer_facts(self, request: PreparedRequest) -> dict[str, Any]:
+        """What makes an answer replayable: the seed and params used and the weights
+        (sha256 of the predictor's and tokenizer's weights files; None for a forecaster
+        built from modules in memory). Forecast frames carry it in `.attrs["kronos"]`."""
+        return {
+            "seed": request.seed,
+            "params": request.replay_params(),
+            "weights_digest": self.source.get("model_sha256"),
+            "tokenizer_digest": self.source.get("tokenizer_sha256"),
+        }
 
 
 def paths_frame(request: PreparedRequest, paths: list[np.ndarray]) -> pd.DataFrame:
@@ -432,7 +482,13 @@ def paths_frame(request: PreparedRequest, paths: list[np.ndarray]) -> pd.DataFra
 def _future_by_series(
     future_timestamps: pd.DataFrame | None, all_series: list[Series], params: SamplingParams, has_series_id: bool
 ) -> list[pd.DatetimeIndex]:
-    """Future timestamps per series: given (validated) or inferred from the history."""
+    """Future timestamps per series: given (validated), on the params' exchange calendar, or
+    inferred from the history's spacing."""
+    if future_timestamps is None and params.calendar is not None:
+        return [
+            calendar_future_timestamps(s.timestamps, params.pred_len, params.calendar, params.freq, s.label)
+            for s in all_series
+        ]
     if future_timestamps is None:
         return [infer_future_timestamps(s.timestamps, params.pred_len, params.freq, s.label) for s in all_series]
     field_name = "future_timestamps"

@@ -8,7 +8,6 @@ weights came from.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from mlflow.models.model import ModelInfo
 from . import __version__
 from .forecaster import KronosForecaster
 from .kronos import resolve_checkpoint
-from .kronos.checkpoint import LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, copy_checkpoint
+from .kronos.checkpoint import copy_checkpoint, weights_sha256
 from .kronos.presets import preset_by_name
 from .pyfunc import MAX_CONTEXT_KEY, MODEL_ARTIFACT, TOKENIZER_ARTIFACT
 from .signature import input_example, kronos_signature
@@ -43,14 +42,14 @@ MODEL_REQUIREMENTS = [
     "safetensors>=0.4",
     "huggingface_hub>=0.33",
     "pydantic-settings>=2.0",
+    "exchange_calendars>=4.6",  # the `calendar` param
 ]
 
 
 def weight_source(name_or_path: str | Path, revision: str | None, directory: Path) -> dict:
     """Where a checkpoint came from: hub id + requested and resolved revision, or a path;
     plus the sha256 of its weights file."""
-    weights = next((directory / f for f in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) if (directory / f).is_file()), None)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None
+    digest = weights_sha256(directory)
     if Path(name_or_path).expanduser().is_dir():
         return {"kind": "path", "path": str(Path(name_or_path).expanduser().resolve()), "weights_sha256": digest}
     resolved = directory.name if directory.parent.name == "snapshots" else None

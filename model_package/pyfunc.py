@@ -136,7 +136,7 @@ def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
 
     Accepts what every transport can send: ints as integral floats (5.0) or strings ("5"),
     floats as strings ("0.9"), quantiles as a list, a JSON list or "0.1,0.9", booleans as
-    "true"/"false"; None or "" for `seed`/`freq` means "not given". Unknown names are
+    "true"/"false"; None or "" for `seed`/`freq`/`calendar` means "not given". Unknown names are
     refused (typos would otherwise be silently ignored), except the V2 transport keys
     `content_type` and `headers`. Defaults: `SamplingParams`.
     """
@@ -167,8 +167,9 @@ def sampling_params(params: Mapping[str, Any] | None) -> SamplingParams:
         coerced["seed"] = _as_int("seed", seed)
     if "quantiles" in values:
         coerced["quantiles"] = _as_float_list("quantiles", values["quantiles"])
-    if "freq" in values:
-        coerced["freq"] = _as_optional_str("freq", values["freq"])
+    for name in ("freq", "calendar"):
+        if name in values:
+            coerced[name] = _as_optional_str(name, values[name])
     for name in ("strict_candles", "repair_candles"):
         if name in values:
             coerced[name] = _as_bool(name, values[name])

@@ -1,4 +1,4 @@
-"""`kronos-registry`: log, fine-tune, evaluate, promote, roll back and inspect Kronos model versions.
+"""`kronos-registry`: log, fine-tune, evaluate, promote, roll back, inspect Kronos versions; live accuracy.
 
 Registry: $MLFLOW_TRACKING_URI (default: the project's sqlite file .state/mlflow/mlflow.db,
 shared with `make serve`); registered model: --name or $KRONOS_REGISTERED_MODEL (`kronos`).
@@ -204,6 +204,25 @@ def _add_auth_setup(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.set_defaults(handler=_run_auth_setup)
 
 
+def _add_live(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "live",
+        parents=[common],
+        help="store realised candles and print live accuracy per version and horizon",
+        description="Realised candles (--actuals FILE: CSV or Parquet with series_id, timestamp, close) go into "
+        "the live store the model servers record their answers in; then the live accuracy table (MAE, MASE "
+        "against persistence, directional accuracy, CRPS, band coverage) per role, version and horizon bucket "
+        "over the window is printed.",
+    )
+    p.add_argument("--actuals", type=_optional(Path), metavar="FILE", help="realised candles to store first")
+    p.add_argument(
+        "--store", type=_text, metavar="URI", help="live store (default $KRONOS_LIVE_STORE_URI or .state/live.db)"
+    )
+    p.add_argument("--window-days", type=_optional(float), metavar="D", help="rolling window (default 7 days)")
+    _add_flag(p, "--json", "print JSON instead of a table")
+    p.set_defaults(handler=_run_live)
+
+
 def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     """The argparse tree of every subcommand (`with_training=False`: without finetune's
     training options, which need torch)."""
@@ -218,7 +237,7 @@ def build_parser(with_training: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_log(sub, common)
     _add_finetune(sub, common, with_training)
-    for add in (_add_evaluate, _add_promote, _add_rollback, _add_history, _add_auth_setup):
+    for add in (_add_evaluate, _add_promote, _add_rollback, _add_history, _add_live, _add_auth_setup):
         add(sub, common)
     return parser
 
@@ -249,6 +268,16 @@ def _run_log(args: argparse.Namespace) -> int:
         args.reason,
     )
     log_version(connect(args.name), request)
+    return errors.OK
+
+
+def _run_live(args: argparse.Namespace) -> int:
+    from .live import LiveRequest, run_live
+
+    if args.window_days is not None and args.window_days <= 0:
+        raise CliError(f"--window-days must be > 0, got {args.window_days}", errors.USAGE)
+    window_s = args.window_days * 86400 if args.window_days is not None else None
+    print(run_live(LiveRequest(args.store, args.actuals, window_s, args.json)))
     return errors.OK
 
 

@@ -17,7 +17,8 @@ Environment (all optional; works from any current directory, nothing is written 
     MLFLOW_TRACKING_URI         sqlite:///<state>/mlflow/mlflow.db
 
 Under the state directory: mlflow/ (the embedded registry and its artifacts), model-cache/
-(KRONOS_MODEL_CACHE_DIR unless set) and mlserver/<http port>/ (the rendered settings.json,
+(KRONOS_MODEL_CACHE_DIR unless set), live.db (the live-accuracy store,
+KRONOS_LIVE_STORE_URI unless set) and mlserver/<http port>/ (the rendered settings.json,
 a link to serving/models and the metrics files; see `serving.launch_settings`). A bad value
 stops the launcher with one line naming the variable, and exit status 2.
 """
@@ -62,13 +63,14 @@ def model_uri(environ: Mapping[str, str]) -> str:
 
 def server_environment(settings: LaunchSettings, environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` plus what MLServer needs from the launcher: the registry (default: the
-    embedded one), the metrics directory, the model cache under the state directory (unless
-    set) and this checkout first on PYTHONPATH."""
+    embedded one), the metrics directory, the model cache and the live store under the state
+    directory (unless set) and this checkout first on PYTHONPATH."""
     env = dict(environ)
     env.setdefault("MLFLOW_TRACKING_URI", settings.default_tracking_uri)
     env["MLSERVER_METRICS_DIR"] = str(settings.metrics_dir)  # the same as settings.json's metrics_dir
     if "model_cache_dir" in ServingSettings.model_fields:  # the server refuses unknown KRONOS_* names
         env.setdefault("KRONOS_MODEL_CACHE_DIR", str(settings.model_cache_dir))
+    env.setdefault("KRONOS_LIVE_STORE_URI", settings.live_store_uri)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), environ.get("PYTHONPATH", "")) if p)
     return env
 

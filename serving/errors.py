@@ -49,3 +49,12 @@ class ModelNotReadyError(MLServerError):
 
     def __init__(self, msg: str) -> None:
         super().__init__(msg, status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class LiveStoreUnavailableError(MLServerError):
+    """503: the live store (realised candles, accuracy) does not answer; forecasts go on."""
+
+    outcome = "unavailable"  # serving.metrics.OUTCOMES
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, status.HTTP_503_SERVICE_UNAVAILABLE)

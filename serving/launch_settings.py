@@ -126,6 +126,11 @@ class LaunchSettings(BaseSettings):
         """Where the server keeps downloaded model versions (KRONOS_MODEL_CACHE_DIR default)."""
         return self.state_dir / "model-cache"
 
+    @property
+    def live_store_uri(self) -> str:
+        """The live-accuracy store (KRONOS_LIVE_STORE_URI default): `live.db` in the state directory."""
+        return f"sqlite:///{self.state_dir.resolve() / 'live.db'}"
+
     def mlserver_settings(self) -> dict[str, Any]:
         """serving/settings.json with this host, these ports, `metrics_dir` and `environments_dir`."""
         settings: dict[str, Any] = json.loads((SERVING / "settings.json").read_text())

@@ -260,7 +260,8 @@ class LocalServer(LocalProcess):
         """Render serving/'s settings into `workdir` with three free ports, start MLServer
         there (log: `workdir/mlserver.log`) and wait until the model is ready.
 
-        `env` adds to `mlserver_env` (the model cache defaults to `workdir/model-cache`);
+        `env` adds to `mlserver_env` (the model cache defaults to `workdir/model-cache`, the
+        live store to `workdir/live.db`);
         `model_settings` updates model-settings.json (e.g. `max_batch_size`). RuntimeError
         "mlserver exited with N" when the server exits first, "mlserver not ready after N s"
         when the wait runs out (it is then stopped).
@@ -273,7 +274,14 @@ class LocalServer(LocalProcess):
             [venv_script("mlserver"), "start", str(workdir)],
             log,
             lambda: http_ok(ready_url),
-            env=mlserver_env(tracking_uri, {"KRONOS_MODEL_CACHE_DIR": str(workdir / "model-cache"), **(env or {})}),
+            env=mlserver_env(
+                tracking_uri,
+                {
+                    "KRONOS_MODEL_CACHE_DIR": str(workdir / "model-cache"),
+                    "KRONOS_LIVE_STORE_URI": f"sqlite:///{workdir.resolve() / 'live.db'}",
+                    **(env or {}),
+                },
+            ),
             cwd=workdir,
             timeout_s=timeout_s,
             what="mlserver",

@@ -29,6 +29,18 @@ ABANDON_REASONS = (DEADLINE, CANCELLED)
 OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "unavailable", "error")
 # ok: the registry answered where the alias points; failed: no answer, or an error answer.
 REGISTRY_CHECK_RESULTS = ("ok", "failed")
+# Live accuracy (`serving.live`): gauges per (model_version, role, horizon) over the rolling
+# window, and what happened to the forecast candles offered to the store writer.
+LIVE_LABELS = ("model_version", "role", "horizon")
+LIVE_GAUGES = {
+    "forecasts": "Matched forecast candles (their realised candle arrived) in the live window",
+    "mae": "Live mean absolute error of the close, relative to the last close",
+    "mase": "Live MAE against persistence (sum |error| / sum |actual - last close|); >= 1: no better than no change",
+    "directional_accuracy": "Live share of forecasts whose direction from the last close was right",
+    "crps": "Live CRPS of the close from the recorded quantiles, relative to the last close",
+    "coverage": "Live share of realised closes inside the forecast's [q0.1, q0.9] band",
+}
+LIVE_RECORD_RESULTS = ("recorded", "dropped", "failed")
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -182,6 +194,32 @@ class KronosMetrics:
             "1 when the last registry check got an answer (or no registry is used); 0: unreachable",
             r,
             multiprocess_mode="livemostrecent",
+        )
+
+        self.live = {
+            name: _get_or_create(
+                Gauge, f"kronos_live_{name}", text, r, labelnames=LIVE_LABELS, multiprocess_mode="livemax"
+            )
+            for name, text in LIVE_GAUGES.items()
+        }
+        self.live_coverage_nominal = _get_or_create(
+            Gauge,
+            "kronos_live_coverage_nominal",
+            "Nominal coverage of the live band (its upper level minus its lower)",
+            r,
+            multiprocess_mode="livemax",
+        )
+        self.live_records = _get_or_create(
+            Counter,
+            "kronos_live_records_total",
+            "Forecast candles offered to the live store by result (recorded, dropped: queue full, failed: store error)",
+            r,
+            labelnames=("result",),
+        )
+        for result in LIVE_RECORD_RESULTS:  # exported from the start, at 0
+            self.live_records.labels(result)
+        self.live_actuals = _get_or_create(
+            Counter, "kronos_live_actuals_total", "Realised candles received for live accuracy", r
         )
 
     # -- BatchObserver ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ from mlserver.settings import ModelSettings as MLServerModelSettings
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelResponse, Parameters
 
 from model_package import KronosInputError
+from model_package.forecaster import ANSWER_ATTR, Forecast, PreparedRequest
 from model_package.pyfunc import prepare_request
 from model_package.scoring import parse_scoring_request
 
@@ -49,9 +50,12 @@ from .errors import (
     BadForecastInputError,
     ForecastFailedError,
     ForecastTimeoutError,
+    LiveStoreUnavailableError,
     ModelNotReadyError,
     ServerOverloadedError,
 )
+from .live.recorder import Answer, LiveRecorder
+from .live.settings import LiveSettings
 from .loader import (
     LoadedModel,
     RegistryUnavailableError,
@@ -74,7 +78,7 @@ from .registry_health import (
     unreachable_cause,
 )
 from .settings import ServingSettings, check_server_environment
-from .v2 import pop_timeout, request_frame, request_params, response
+from .v2 import answer_parameters, pop_timeout, request_frame, request_params, response
 from .warmup import warmup_history
 
 logger = logging.getLogger("kronos.serving")
@@ -135,6 +139,8 @@ class KronosRuntime(MLModel):
         self._batcher: SeriesBatcher | None = None
         self._poller: asyncio.Task | None = None
         self._cache: ModelCache | None = None
+        self._live: LiveRecorder | None = None
+        self._live_refresher: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -162,17 +168,16 @@ class KronosRuntime(MLModel):
             self.metrics,
         )
         self._batcher.start()
+        self._start_live()
         try:
             loaded = await self._load(self.config.model_uri)
         except RegistryUnavailableError as exc:  # one line says it all
             logger.error("could not load %s: %s", self.config.model_uri, exc)
-            await self._batcher.drain_and_stop(0)
-            self._batcher = None
+            await self._stop_after_failed_load()
             raise
         except Exception:
             logger.exception("could not load %s", self.config.model_uri)
-            await self._batcher.drain_and_stop(0)
-            self._batcher = None
+            await self._stop_after_failed_load()
             raise
         self._serve(loaded)
         if self.config.alias_poll_s > 0 and loaded.source.alias is not None:
@@ -182,6 +187,16 @@ class KronosRuntime(MLModel):
         self.metrics.last_progress.set(time.time())
         self.metrics.resident_memory.set(rss_bytes())
         return True
+
+    async def _stop_after_failed_load(self) -> None:
+        assert self._batcher is not None
+        await self._batcher.drain_and_stop(0)
+        self._batcher = None
+        if self._live_refresher is not None:
+            self._live_refresher.cancel()
+        if self._live is not None:
+            await asyncio.to_thread(self._live.close)
+            self._live = None
 
     def _limit_registry_calls(self) -> None:
         """Bound every registry request of this worker before its first one (see
@@ -310,15 +325,55 @@ class KronosRuntime(MLModel):
             self.metrics.ready.set(1 if _serving else 0)  # a reload's new instance is ready
         if self._poller is not None:
             self._poller.cancel()
+        if self._live_refresher is not None:
+            self._live_refresher.cancel()
         if self._batcher is not None:
-            task = asyncio.get_running_loop().create_task(self._drain(self._batcher))
+            task = asyncio.get_running_loop().create_task(self._drain(self._batcher, self._live))
             _background.add(task)
             task.add_done_callback(_background.discard)
         return True
 
-    async def _drain(self, batcher: SeriesBatcher) -> None:
+    async def _drain(self, batcher: SeriesBatcher, live: LiveRecorder | None) -> None:
         await asyncio.sleep(UNLOAD_GRACE_S)
         await batcher.drain_and_stop(self.config.default_deadline_s)
+        if live is not None:  # the drained answers are recorded first
+            await asyncio.to_thread(live.close)
+
+    # -- live accuracy ---------------------------------------------------------------------
+
+    def _start_live(self) -> None:
+        """The live recorder (its store opens on first use) and the gauge refresher."""
+        self._live = LiveRecorder(LiveSettings(), self.metrics)
+        if self._live.settings.refresh_s > 0:
+            self._live_refresher = asyncio.get_running_loop().create_task(self._refresh_live_forever())
+
+    async def _refresh_live_forever(self) -> None:
+        live = self._live
+        assert live is not None
+        failing = False
+        while True:
+            await asyncio.sleep(live.settings.refresh_s)
+            try:
+                await asyncio.to_thread(live.refresh)
+            except Exception as exc:  # the store is down: keep serving, say so once per outage
+                if not failing:
+                    logger.warning("live accuracy: could not read the live store: %s", one_line(exc))
+                failing = True
+                continue
+            if failing:
+                logger.info("live accuracy: the live store answers again")
+            failing = False
+
+    def _record_live(self, request_id: str, loaded: LoadedModel, request: PreparedRequest, forecast: Forecast) -> None:
+        """Offer a sampled answer to the live recorder (never waits for the store)."""
+        live = self._live
+        if live is None or not live.wants(request_id):
+            return
+        source = loaded.source
+        answer = Answer(
+            request_id, source.requested, loaded.version, source.alias or "", request, forecast, time.time()
+        )
+        live.offer(answer)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -332,7 +387,8 @@ class KronosRuntime(MLModel):
         )
         outputs = [o.name for o in payload.outputs] if payload.outputs else None
         try:
-            return response(self.name, frame, self._response_parameters(loaded, request_id), payload.id, outputs)
+            parameters = self._response_parameters(loaded, request_id, frame.attrs.get(ANSWER_ATTR))
+            return response(self.name, frame, parameters, payload.id, outputs)
         except KronosInputError as exc:  # outputs the request asked for that it has not
             raise BadForecastInputError(str(exc)) from exc
 
@@ -357,6 +413,7 @@ class KronosRuntime(MLModel):
                 )
             request = await asyncio.to_thread(prepare_request, loaded.forecaster, history, params, loaded.settings)
             forecast = await self._batcher.submit(loaded.forecaster, request, deadline_s, timings)
+            self._record_live(request_id, loaded, request, forecast)
             outcome = "ok"
             return forecast.frame, loaded
         except KronosInputError as exc:
@@ -399,10 +456,14 @@ class KronosRuntime(MLModel):
                 error=failure,
             )
 
-    def _response_parameters(self, loaded: LoadedModel, request_id: str | None = None) -> dict[str, Any]:
-        """The served model, and the request id echoed as a header (REST) or trailing
-        metadata (gRPC)."""
+    def _response_parameters(
+        self, loaded: LoadedModel, request_id: str | None = None, facts: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The served model, what makes the answer replayable (`answer_parameters`), and the
+        request id echoed as a header (REST) or trailing metadata (gRPC)."""
         parameters: dict[str, Any] = {"model_uri": loaded.source.requested, "model_version": loaded.version}
+        if facts is not None:
+            parameters.update(answer_parameters(facts))
         if request_id is not None:
             parameters["headers"] = {REQUEST_ID_HEADER: request_id}
         return parameters
@@ -438,10 +499,50 @@ class KronosRuntime(MLModel):
                 orient="records", double_precision=15
             )
         )
-        body = {"predictions": records, **self._response_parameters(loaded)}
+        body = {"predictions": records, **self._response_parameters(loaded, facts=frame.attrs.get(ANSWER_ATTR))}
         return Response(
             content=json.dumps(body), media_type="application/json", headers={REQUEST_ID_HEADER: request_id}
         )
+
+    @custom_handler(rest_path="/kronos/live/actuals", rest_method="POST")
+    async def live_actuals(self, raw_body: bytes = Depends(_raw_body)) -> dict[str, Any]:
+        """Realised candles for live accuracy, as an MLflow scoring body (`dataframe_split` or
+        `dataframe_records`) with `series_id` (optional), `timestamp` and `close` -> `{"received":
+        rows}`; the accuracy gauges are recomputed at once. Operators and ingest jobs only (the
+        gateway lets ADMIN_CIDRS through)."""
+        live = self._live
+        if live is None:
+            raise ModelNotReadyError("model is not loaded yet")
+        try:
+            frame, params = await asyncio.to_thread(parse_scoring_request, raw_body)
+            if params:
+                raise KronosInputError("params", "not accepted with realised candles")
+            written = await asyncio.to_thread(live.add_actuals, frame)
+        except KronosInputError as exc:
+            raise BadForecastInputError(str(exc)) from exc
+        except Exception as exc:
+            logger.warning("live accuracy: could not store realised candles: %s", one_line(exc))
+            raise LiveStoreUnavailableError(f"live store unavailable: {one_line(exc)}") from exc
+        table = await self._live_table(live)
+        return {"received": written, "accuracy": table}
+
+    @custom_handler(rest_path="/kronos/live/accuracy", rest_method="GET")
+    async def live_accuracy(self) -> dict[str, Any]:
+        """The live accuracy table (one row per model version, role and horizon bucket) over
+        the rolling window, recomputed now."""
+        live = self._live
+        if live is None:
+            raise ModelNotReadyError("model is not loaded yet")
+        return {"window_s": live.settings.window_s, "accuracy": await self._live_table(live)}
+
+    async def _live_table(self, live: LiveRecorder) -> list[dict[str, Any]]:
+        """Flush the recorder's queue (bounded), refresh the gauges, return the table's rows."""
+        await asyncio.to_thread(live.flush, 10.0)
+        try:
+            table = await asyncio.to_thread(live.refresh)
+        except Exception as exc:
+            raise LiveStoreUnavailableError(f"live store unavailable: {one_line(exc)}") from exc
+        return json.loads(table.to_json(orient="records"))
 
     @custom_handler(rest_path="/kronos/health/live", rest_method="GET")
     async def live(self) -> dict[str, Any]:

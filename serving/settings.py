@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model_package.settings import ENV_PREFIX, MIB, ModelSettings, check_environment
 
 from .launch_settings import LaunchSettings
+from .live.settings import LiveSettings
 
 # Variables of other programs of the project that may share an environment with the server.
 OTHER_NAMESPACES = ("KRONOS_GATEWAY_", "KRONOS_BATCH_")
@@ -130,4 +131,4 @@ class ServingSettings(BaseSettings):
 
 def check_server_environment() -> None:
     """Refuse unknown `KRONOS_*` variables (typos) before the server serves anything."""
-    check_environment(ModelSettings, ServingSettings, LaunchSettings, other_namespaces=OTHER_NAMESPACES)
+    check_environment(ModelSettings, ServingSettings, LaunchSettings, LiveSettings, other_namespaces=OTHER_NAMESPACES)

@@ -11,6 +11,7 @@ the pyfunc's coercion (`model_package.pyfunc.sampling_params`) turns them into n
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from model_package import KronosInputError
 from model_package.frames import CANDLE_COLUMNS, SERIES_ID, TIMESTAMP
 
 TIMEOUT_PARAM = "timeout_s"
+INT64_MAX = 2**63 - 1
 INPUT_NAMES = (SERIES_ID, TIMESTAMP, *CANDLE_COLUMNS)
 TEXT_INPUTS = (SERIES_ID, TIMESTAMP)
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
@@ -153,3 +155,22 @@ def response(
     result.parameters = Parameters(content_type=PandasCodec.ContentType, **parameters)
     result.id = request_id
     return result
+
+
+def answer_parameters(facts: dict[str, Any]) -> dict[str, Any]:
+    """Response parameters that make an answer replayable, from the forecast's answer facts
+    (`KronosForecaster.answer_facts`): `seed` (the base seed used: an integer, or its
+    decimal text above 2**63 - 1, which gRPC's int64 parameters cannot carry), `params`
+    (every sampling param used, seed included, as JSON text: gRPC parameters are flat),
+    `weights_digest` and `tokenizer_digest` (sha256 of the weights files; left out when
+    unknown). Sending `json.loads(params)` back as the parameters of the same request to
+    the same version gives the same answer."""
+    seed = int(facts["seed"])
+    parameters: dict[str, Any] = {
+        "seed": seed if seed <= INT64_MAX else str(seed),
+        "params": json.dumps(facts["params"], sort_keys=True, separators=(",", ":")),
+    }
+    for key in ("weights_digest", "tokenizer_digest"):
+        if facts.get(key):
+            parameters[key] = facts[key]
+    return parameters

@@ -8,6 +8,7 @@ stored or not; stored values are ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,19 @@ def read_config(directory: Path) -> dict:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: invalid JSON: {exc}") from exc
+
+
+def weights_sha256(directory: Path) -> str | None:
+    """Hex sha256 of a checkpoint directory's weights file (None when it has none): the
+    digest a forecast answer reports and `sha256sum model.safetensors` prints."""
+    weights = next((directory / f for f in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE) if (directory / f).is_file()), None)
+    if weights is None:
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def copy_checkpoint(directory: Path, target: Path) -> Path:

@@ -155,22 +155,9 @@ def rest_body(spec: Spec) -> dict[str, Any]:
     return {"inputs": inputs, "parameters": {"content_type": "pd", **spec.params}}
 
 
-def grpc_params(params: Params) -> dict[str, bool | int | str]:
-    """Params as gRPC can carry them: ints stay int64, floats and lists become strings."""
-    out: dict[str, bool | int | str] = {}
-    for name, value in params.items():
-        if isinstance(value, (bool, int)):
-            out[name] = value
-        elif isinstance(value, (list, tuple)):
-            out[name] = ",".join(repr(float(v)) for v in value)
-        else:
-            out[name] = repr(float(value)) if isinstance(value, float) else str(value)
-    return out
-
-
 def grpc_request(spec: Spec, model_name: str = MODEL_NAME) -> Any:
     """A `ModelInferRequest` (BYTES as UTF-8, FP64 contents, string-typed float params)."""
-    return infer_request(spec.history, grpc_params(spec.params), model_name)
+    return infer_request(spec.history, dict(spec.params), model_name)
 
 
 def expected_rows(spec: Spec) -> int:

@@ -3,9 +3,12 @@ series in any row order, bad series as error rows, seeds by series id, as-of and
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,13 @@ def test_bad_series_become_error_rows_and_good_ones_are_forecast(forecaster, tab
     assert sorted(result.forecasts["series_id"].unique()) == good_ids(24)
     assert result.forecasts.groupby("series_id").size().eq(PRED_LEN).all()
     assert (result.forecasts["model_version"] == "4").all()
+    seeds = result.forecasts.groupby("series_id")["seed"].agg(set).to_dict()  # one per series, from its id
+    assert seeds == {series_id: {str(id_seed(11, series_id))} for series_id in good_ids(24)}
+    assert result.forecasts["weights_digest"].eq(forecaster.source["model_sha256"]).all()
+    params = json.loads(result.forecasts["params"].iloc[0])
+    want = {**dataclasses.asdict(_options().params), "quantiles": [0.25]}
+    del want["seed"]  # the job's params; each series' own seed is the seed column
+    assert params == want and result.forecasts["params"].nunique() == 1
     assert np.isfinite(result.forecasts[list(CANDLE_COLUMNS)].to_numpy()).all()
 
 
@@ -94,6 +104,20 @@ def test_as_of_cuts_the_history_and_writes_the_realised_candles(forecaster, tabl
         history, PRED_LEN, top_k=0, top_p=0.9, sample_count=2, seed=id_seed(11, series_id), quantiles=[0.25]
     )
     np.testing.assert_allclose(mine["close"], alone["close"], rtol=1e-5)
+
+
+def test_a_calendar_puts_the_future_on_the_exchange_sessions(forecaster, table):
+    """5-minute bars cut at 15:50 on an XNYS day: the close bar, then the next session's open."""
+    series_id = good_ids(24)[0]
+    options = _options(as_of=pd.Timestamp("2024-01-02 15:50"))
+    plain = forecast_group(forecaster, table, options).forecasts
+    with_calendar = forecast_group(
+        forecaster, table, replace(options, params=replace(options.params, calendar="xnys"))
+    ).forecasts
+    mine = with_calendar[with_calendar["series_id"] == series_id]
+    assert list(mine["timestamp"]) == list(pd.to_datetime(["2024-01-02 15:55", "2024-01-03 09:30", "2024-01-03 09:35"]))
+    assert json.loads(mine["params"].iloc[0])["calendar"] == "XNYS"
+    assert plain[plain["series_id"] == series_id]["timestamp"].iloc[1] == pd.Timestamp("2024-01-02 16:00")
 
 
 def test_realised_values_are_empty_past_the_input(forecaster, table):

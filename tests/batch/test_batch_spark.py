@@ -18,6 +18,7 @@ from batch_helpers import BAD_FIELDS, BatchRegistry, good_ids, mixed_candles, on
 from batch.options import id_seed
 from batch.series import realised_column
 from model_package.frames import CANDLE_COLUMNS
+from model_package.kronos.checkpoint import weights_sha256
 from serving.local_server import tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -130,7 +131,9 @@ def test_the_summary_is_printed_and_logged_to_an_mlflow_run(greedy_job, batch_re
     assert int(run.data.params["seed"]) == summary["seed"]  # replayable
 
 
-def test_as_of_from_csv_via_mlproject_writes_realised_values_and_seeds_by_id(batch_registry, table, pyfunc, tmp_path):
+def test_as_of_from_csv_via_mlproject_writes_realised_values_and_seeds_by_id(
+    batch_registry, table, pyfunc, tmp_path, tiny_checkpoints
+):
     """A sampled backtest from CSV through the MLproject entry point: history up to the
     cut-off (last 40 candles), realised candles beside the forecast, each series seeded by
     its id whatever its partition; the job's run is linked to the project's run."""
@@ -146,6 +149,7 @@ def test_as_of_from_csv_via_mlproject_writes_realised_values_and_seeds_by_id(bat
         seed="5",
         as_of=str(as_of),
         last="40",
+        calendar="XNYS",  # the cut-off is mid-session: the same bars as the series' own spacing
         master="local[1]",
         chunk_series="7",
     )
@@ -161,10 +165,13 @@ def test_as_of_from_csv_via_mlproject_writes_realised_values_and_seeds_by_id(bat
         for column in CANDLE_COLUMNS:
             np.testing.assert_allclose(mine[realised_column(column)], realised[column].to_numpy(), rtol=1e-12)
         history = rows[rows["timestamp"] <= as_of].tail(40)
-        params = {"pred_len": PRED_LEN, "sample_count": 2, "seed": id_seed(5, series_id)}
+        assert mine["seed"].nunique() == 1 and int(mine["seed"].iloc[0]) == id_seed(5, series_id)
+        params = {**json.loads(mine["params"].iloc[0]), "seed": int(mine["seed"].iloc[0])}  # the replay columns
+        assert params["pred_len"] == PRED_LEN and params["sample_count"] == 2 and params["calendar"] == "XNYS"
         alone = pyfunc.predict(history, params=params)
         np.testing.assert_allclose(mine["close"], alone["close"], rtol=1e-4, err_msg=series_id)
     assert forecasts.loc[forecasts["series_id"].isin(long_ids), realised_column("close")].notna().all()
+    assert forecasts["weights_digest"].eq(weights_sha256(tiny_checkpoints[1])).all()
     run = mlflow.MlflowClient(tracking_uri=batch_registry.url).get_run(summary["mlflow_run_id"])
     assert run.data.params["as_of"] == str(as_of) and run.data.params["chunk_series"] == "7"
     assert "kronos.mlproject_run_id" in run.data.tags

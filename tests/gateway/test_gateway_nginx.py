@@ -132,9 +132,13 @@ def test_rest_inference_api_is_open_to_allowed_clients(
         "/v2/models/kronos/docs",
         "/v2/models/kronos/docs/dataplane.json",
         "/v2/models/kronos/versions/1/docs",
+        "/kronos/live/actuals",  # realised candles in: ingest jobs and operators
+        "/kronos/live/accuracy",
     ],
 )
-def test_rest_api_docs_are_admin_only(gateway: GatewayProcess, upstream: RecordingUpstream, path: str) -> None:
+def test_rest_api_docs_and_live_ingest_are_admin_only(
+    gateway: GatewayProcess, upstream: RecordingUpstream, path: str
+) -> None:
     marked = f"{path}?t={uuid.uuid4().hex}"
     denied = call(gateway, marked)
     assert denied.status == 403
@@ -157,6 +161,8 @@ def test_rest_api_docs_are_admin_only(gateway: GatewayProcess, upstream: Recordi
         "/v2/models/kronos/infer/extra",
         "/v2/models/kronos/versions/1/unload",
         "/v2/repository",
+        "/kronos/live",
+        "/kronos/live/actuals/x",
         "/V2/health/live",
         "/inference.GRPCInferenceService/ModelInfer",
     ],

@@ -46,7 +46,7 @@ def stack(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             status_port=free_port(),
             upstream_http=[f"127.0.0.1:{server.http_port}"],
             upstream_grpc=[f"127.0.0.1:{server.grpc_port}"],
-            allow_cidrs=[f"{CLIENT}/32"],
+            allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"],
             admin_cidrs=[f"{ADMIN}/32"],
             rate_limit="100r/s",
             rate_limit_burst=100,

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from integration_helpers import Stack
+from integration_helpers import ADMIN, CLIENT, Stack
 from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import (
@@ -56,6 +56,8 @@ class Traffic:
     grpc_header_id: str | None
     grpc_parameters: dict[str, str | int]
     grpc_frame: pd.DataFrame
+    actuals_status: dict[str, int]  # POST /kronos/live/actuals through the gateway: source -> status
+    accuracy: list[dict]  # the live accuracy rows after the realised candles arrived
 
 
 def new_request_id(kind: str) -> str:
@@ -79,6 +81,7 @@ def traffic(stack: Stack) -> Traffic:
             grpc_request(frame, GRPC_PARAMS), timeout=TIMEOUT_S, metadata=(("x-request-id", grpc_id),)
         )
     initial = dict(call.initial_metadata() or ())
+    actuals_status, accuracy = send_realised_candles(stack, reply.json() if reply.status_code == 200 else None)
     return Traffic(
         history=frame,
         rest_id=rest_id,
@@ -89,7 +92,29 @@ def traffic(stack: Stack) -> Traffic:
         grpc_header_id=initial.get("x-request-id"),
         grpc_parameters={k: v.string_param or v.int64_param for k, v in grpc_reply.parameters.items()},
         grpc_frame=grpc_response_frame(grpc_reply),
+        actuals_status=actuals_status,
+        accuracy=accuracy,
     )
+
+
+def send_realised_candles(stack: Stack, rest_body: dict | None) -> tuple[dict[str, int], list[dict]]:
+    """The REST forecast's candles as if realised 1% higher, posted by an ordinary client
+    (refused) and by the admin network (stored; the live gauges get values)."""
+    if rest_body is None:
+        return {}, []
+    forecast = response_frame(rest_body)
+    columns = ["series_id", "timestamp", "close"]
+    rows = [[sid, ts.isoformat(), close * 1.01] for sid, ts, close in forecast[columns].to_numpy()]
+    body = {"dataframe_split": {"columns": columns, "data": rows}}
+    statuses, accuracy = {}, []
+    for name, source in (("client", CLIENT), ("admin", ADMIN)):
+        transport = httpx.HTTPTransport(local_address=source)
+        with httpx.Client(timeout=TIMEOUT_S, transport=transport) as client:
+            reply = client.post(f"{stack.gateway.http_url}/kronos/live/actuals", json=body)
+        statuses[name] = reply.status_code
+        if reply.status_code == 200:
+            accuracy = reply.json()["accuracy"]
+    return statuses, accuracy
 
 
 def assert_forecast(forecast: pd.DataFrame, history_frame: pd.DataFrame) -> None:
@@ -120,6 +145,14 @@ def test_rest_and_grpc_inference_through_the_gateway(traffic: Traffic) -> None:
         rtol=1e-6,
         check_dtype=False,
     )
+
+
+def test_realised_candles_go_in_through_the_gateway_from_the_admin_network_only(traffic: Traffic) -> None:
+    assert traffic.actuals_status == {"client": 403, "admin": 200}
+    rows = [row for row in traffic.accuracy if row["role"] == "champion" and row["model_version"] == "1"]
+    # the REST and the gRPC answer forecast the same candles: both were recorded and matched
+    assert sum(row["forecasts"] for row in rows) == 2 * PRED_LEN * len(SERIES)
+    assert {row["horizon"] for row in rows} == {"1", "2-5"}
 
 
 def exported_names(text: str) -> set[str]:

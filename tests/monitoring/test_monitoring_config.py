@@ -41,6 +41,9 @@ RUNTIME_COUNTERS = {
     "kronos_answers_total",
     "kronos_worker_restarts_total",
     "kronos_registry_checks_total",
+    # live accuracy (serving.metrics LIVE_*): forecast candles offered to the store, realised candles
+    "kronos_live_records_total",
+    "kronos_live_actuals_total",
 }
 RUNTIME_HISTOGRAMS = {
     "kronos_request_seconds",
@@ -64,6 +67,14 @@ RUNTIME_GAUGES = {
     "kronos_worker_resident_memory_bytes",
     "kronos_ready_workers",  # MLServer's main process
     "kronos_registry_up",
+    # live accuracy per (model_version, role, horizon) over the rolling window
+    "kronos_live_forecasts",
+    "kronos_live_mae",
+    "kronos_live_mase",
+    "kronos_live_directional_accuracy",
+    "kronos_live_crps",
+    "kronos_live_coverage",
+    "kronos_live_coverage_nominal",
 }
 RUNTIME_SERIES = (
     RUNTIME_COUNTERS | RUNTIME_GAUGES | {f"{h}{s}" for h in RUNTIME_HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -121,6 +132,8 @@ REQUIRED_ALERTS = {
     "KronosGatewayRateLimitSurge",
     "KronosModelVersionChanged",
     "KronosWorkerMemoryHigh",
+    "KronosLiveCoverageOff",
+    "KronosLiveWorseThanPersistence",
 }
 
 
@@ -171,6 +184,26 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
         ),
         # invalid requests counted as failures
         ('outcome=~"error|timeout|unavailable"', 'outcome=~"error|timeout|unavailable|invalid"'),
+        # the nominal gauge matched on no label: ambiguous as soon as two replicas export it
+        ("on (job, instance) group_left kronos_live_coverage_nominal", "on () group_left kronos_live_coverage_nominal"),
+        # no evidence guard: 30 matched forecasts would be enough to alert on coverage
+        ("> 0.15\n              and kronos_live_forecasts >= 50\n", "> 0.15\n"),
+        # a tolerance too lax: 55% coverage against a nominal 80% goes unnoticed
+        ("kronos_live_coverage_nominal) > 0.15", "kronos_live_coverage_nominal) > 0.3"),
+        # MASE exactly 1 (no better than persistence) not reported
+        ("kronos_live_mase >= 1", "kronos_live_mase > 1"),
+        # no evidence guard on MASE
+        ("kronos_live_mase >= 1\n              and kronos_live_forecasts >= 50\n", "kronos_live_mase >= 1\n"),
+        # one alert per replica instead of one per version, role and horizon
+        (
+            "max by (job, model_version, role, horizon) (\n            kronos_live_mase",
+            "max by (job, instance, model_version, role, horizon) (\n            kronos_live_mase",
+        ),
+        # a short `for`: a volatile half hour would page
+        (
+            "kronos_live_mase >= 1\n              and kronos_live_forecasts >= 50\n          )\n        for: 1h",
+            "kronos_live_mase >= 1\n              and kronos_live_forecasts >= 50\n          )\n        for: 30m",
+        ),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
@@ -220,7 +253,7 @@ def test_dashboard_json_is_in_provisioning_format() -> None:
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids)
     cells: set[tuple[int, int]] = set()
     for panel in panels:
-        assert panel["type"] in {"timeseries", "stat", "table", "gauge", "bargauge"}
+        assert panel["type"] in {"row", "timeseries", "stat", "table", "gauge", "bargauge"}
         assert panel["title"]
         grid = panel["gridPos"]
         assert all(isinstance(grid[k], int) for k in ("x", "y", "w", "h"))
@@ -230,6 +263,10 @@ def test_dashboard_json_is_in_provisioning_format() -> None:
         }
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
+        if panel["type"] == "row":  # an expanded row: a full-width header, its panels follow it
+            assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1)
+            assert panel["collapsed"] is False and panel["panels"] == [] and "targets" not in panel
+            continue
         assert panel["datasource"] == {"type": "prometheus", "uid": uid}
         targets = panel["targets"]
         assert targets, panel["title"]
@@ -250,8 +287,38 @@ def test_dashboard_has_the_required_panels() -> None:
         "errors by kind",
         "model version",
         "gateway 4xx / 5xx",
+        "live mase",
+        "coverage vs nominal",
+        "mae and crps",
+        "directional accuracy",
+        "matched forecasts",
+        "records by result",
     ):
         assert wanted in titles, wanted
+
+
+def test_live_accuracy_row_holds_the_live_panels() -> None:
+    """Every panel reading a kronos_live_* series sits below the "Live accuracy" row, and
+    every panel below it reads one; the MASE panel draws its "no better than persistence"
+    line at 1 and the coverage panel shows the nominal gauge."""
+    panels = _dashboard()["panels"]
+    (row,) = [panel for panel in panels if panel["type"] == "row" and panel["title"] == "Live accuracy"]
+    row_y = row["gridPos"]["y"]
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        names: set[str] = set()
+        for target in panel["targets"]:
+            names |= promql_metric_names(target["expr"])
+        live = any(name.startswith("kronos_live_") for name in names)
+        assert live == (panel["gridPos"]["y"] > row_y), panel["title"]
+    by_title = {panel["title"].lower(): panel for panel in panels}
+    (mase,) = [panel for title, panel in by_title.items() if "live mase" in title]
+    steps = mase["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [step["value"] for step in steps] == [None, 1]
+    assert mase["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line"
+    (coverage,) = [panel for title, panel in by_title.items() if "coverage vs nominal" in title]
+    assert any("kronos_live_coverage_nominal" in target["expr"] for target in coverage["targets"])
 
 
 # ------------------------------------------------------------------ metric names
@@ -305,7 +372,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each panel query (as a recording rule; Grafana's $__rate_interval
     becomes 5m), so a typo in a panel fails here instead of showing an empty panel."""
     exprs = dashboard_expressions()
-    rules = {
+    rules: dict[str, Any] = {
         "groups": [
             {
                 "name": "dashboard",

@@ -8,10 +8,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from pyfunc_helpers import MODEL_NAME, TINY_MAX_CONTEXT, clean_env, run_python
 
 from model_package import KronosForecaster
 from model_package.data import load_indexes
+from model_package.forecaster import ANSWER_ATTR
+from model_package.kronos.checkpoint import weights_sha256
 from model_package.pyfunc import MODEL_ARTIFACT, TOKENIZER_ARTIFACT
 
 PARAMS = {"pred_len": 5, "top_k": 1, "quantiles": [0.2, 0.8]}
@@ -105,3 +108,40 @@ def test_checkpoints_are_copied_into_the_model(tracking, tmp_path):
         assert files == ["config.json", "model.safetensors"]
     code = model_dir / "code" / "model_package"
     assert (code / "pyfunc.py").is_file() and (code / "kronos" / "generation.py").is_file()
+
+
+def test_a_loaded_version_answers_with_what_replays_it(tracking, tiny_checkpoints, history):
+    """The pyfunc's output carries the seed it drew, every param and the weights digests
+    (`.attrs["kronos"]`); those params give the same frame again."""
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    asked = {"pred_len": 4, "sample_count": 3, "quantiles": [0.1, 0.9]}
+    first = model.predict(history, params=asked)
+    facts = first.attrs[ANSWER_ATTR]
+    tokenizer_dir, model_dir = tiny_checkpoints
+    assert (facts["weights_digest"], facts["tokenizer_digest"]) == (
+        weights_sha256(model_dir),
+        weights_sha256(tokenizer_dir),
+    )
+    assert 0 <= facts["seed"] < 2**63 and facts["params"]["seed"] == facts["seed"]
+    assert facts["params"]["quantiles"] == [0.1, 0.9] and facts["params"]["sample_count"] == 3
+    again = model.predict(history, params=facts["params"])
+    pd.testing.assert_frame_equal(again, first)
+    assert again.attrs[ANSWER_ATTR] == facts
+    other = model.predict(history, params=asked)
+    assert other.attrs[ANSWER_ATTR]["seed"] != facts["seed"]
+    assert not other["close"].equals(first["close"])
+
+
+def test_the_calendar_param_skips_exchange_holidays(tracking, history):
+    """Daily S&P 500 / NASDAQ history ending 2018-12-31: business days would forecast New
+    Year's Day; the XNYS calendar goes to the next sessions. An unknown name is refused."""
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/1")
+    assert set(history.groupby("series_id")["timestamp"].max()) == {pd.Timestamp("2018-12-31")}
+    plain = model.predict(history, params={"pred_len": 3, "top_k": 1})
+    on_sessions = model.predict(history, params={"pred_len": 3, "top_k": 1, "calendar": "XNYS"})
+    assert pd.Timestamp("2019-01-01") in set(plain["timestamp"])
+    for _, rows in on_sessions.groupby("series_id"):
+        assert list(rows["timestamp"]) == list(pd.to_datetime(["2019-01-02", "2019-01-03", "2019-01-04"]))
+    assert on_sessions.attrs[ANSWER_ATTR]["params"]["calendar"] == "XNYS"
+    with pytest.raises(MlflowException, match="calendar: unknown calendar"):
+        model.predict(history, params={"pred_len": 3, "calendar": "MOON"})

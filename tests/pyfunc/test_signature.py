@@ -37,6 +37,7 @@ def test_params_schema_with_defaults_in_registry(tracking):
         "seed": (DataType.long, None, None),
         "quantiles": (DataType.double, [], (-1,)),
         "freq": (DataType.string, None, None),
+        "calendar": (DataType.string, None, None),
         "strict_candles": (DataType.boolean, True, None),
         "repair_candles": (DataType.boolean, False, None),
     }

@@ -7,6 +7,7 @@ of 48 series; the promotion test runs last because it moves the `champion` alias
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -30,7 +31,10 @@ from serving_helpers import (
     v2_request,
 )
 
+from model_package import SamplingParams
 from model_package.budget import request_cost
+from model_package.data import random_walk_candles
+from model_package.kronos.checkpoint import weights_sha256
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +105,62 @@ def test_grpc_forecast_with_float_params_sent_as_strings(server, serving_registr
     assert not got[["close"]].equals(other[["close"]])
     greedy = grpc_infer(server, frame, {"pred_len": 2, "top_k": 1, "temperature": "2.5"})
     assert_same(greedy, forecaster.predict(frame, pred_len=2, top_k=1))
+
+
+def test_answers_are_replayable_over_rest_and_grpc(server, serving_registry):
+    """Every answer names the seed it used (drawn when the client gave none), every param
+    and the weights; sending those params back gives the same answer, over either transport."""
+    frame = history(["R1", "R2"], seed=8)
+    tokenizer_dir, model_dir = serving_registry.checkpoints["1"]
+    asked = {"pred_len": 3, "sample_count": 2, "temperature": 0.8, "quantiles": [0.25, 0.75]}
+    with httpx.Client(timeout=120) as client:
+        first = server.infer(client, frame, asked)
+        assert first.status_code == 200, first.text
+        facts = first.json()["parameters"]
+        assert facts["model_version"] == "1"
+        assert facts["weights_digest"] == weights_sha256(model_dir)
+        assert facts["tokenizer_digest"] == weights_sha256(tokenizer_dir)
+        used = json.loads(facts["params"])
+        assert isinstance(facts["seed"], int) and 0 <= facts["seed"] < 2**63 and used["seed"] == facts["seed"]
+        assert used == {**dataclasses.asdict(SamplingParams()), **asked, "seed": facts["seed"]}
+        again = server.infer(client, frame, used)
+        assert again.status_code == 200, again.text
+        assert again.json()["parameters"]["params"] == facts["params"]
+        unseeded = server.infer(client, frame, asked)  # another draw: another seed, other paths
+        assert unseeded.json()["parameters"]["seed"] != facts["seed"]
+    want = response_frame(first.json())
+    pd.testing.assert_frame_equal(response_frame(again.json()), want)  # exact, not close
+    assert not response_frame(unseeded.json())["close"].equals(want["close"])
+    assert_same(want, serving_registry.forecaster("1").predict(frame, **used))
+    over_grpc = grpc_infer(server, frame, used)  # floats and lists travel as text
+    assert over_grpc.attrs["parameters"]["seed"] == facts["seed"]
+    assert json.loads(over_grpc.attrs["parameters"]["params"]) == used
+    pd.testing.assert_frame_equal(over_grpc, want)
+    big = grpc_infer(server, frame, {**used, "seed": 2**64 - 1})  # beyond int64: sent and echoed as text
+    assert big.attrs["parameters"]["seed"] == str(2**64 - 1)
+
+
+def test_the_calendar_param_continues_at_the_next_session(server, serving_registry):
+    """5-minute XNYS bars ending 15:55 on 2024-07-02 (the next day closes at 13:00, then the
+    Fourth of July): over REST and gRPC the future is the exchange's next bars; an unknown
+    calendar is a 400 / INVALID_ARGUMENT naming the param."""
+    frame = random_walk_candles(30, seed=4, series_id="SPY", start="2024-07-02 13:30", freq="5min")
+    assert frame["timestamp"].iloc[-1] == pd.Timestamp("2024-07-02 15:55")
+    params = {"pred_len": 43, "top_k": 1, "calendar": "XNYS"}
+    with httpx.Client(timeout=120) as client:
+        reply = server.infer(client, frame, params)
+        assert reply.status_code == 200, reply.text
+        unknown = server.infer(client, frame, {**params, "calendar": "XMOON"})
+    stamps = list(response_frame(reply.json())["timestamp"])
+    half_day = list(pd.date_range("2024-07-03 09:30", "2024-07-03 12:55", freq="5min"))
+    assert stamps == [*half_day, pd.Timestamp("2024-07-05 09:30")]
+    assert_same(response_frame(reply.json()), serving_registry.forecaster("1").predict(frame, **params))
+    assert unknown.status_code == 400 and "calendar: unknown calendar" in unknown.json()["error"], unknown.text
+    over_grpc = grpc_infer(server, frame, params)
+    assert list(over_grpc["timestamp"]) == stamps
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_infer(server, frame, {**params, "calendar": "XMOON"})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "calendar" in refused.value.details()
 
 
 def test_sixteen_concurrent_clients_get_their_own_forecasts(server, serving_registry):
