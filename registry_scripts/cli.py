@@ -172,6 +172,21 @@ def _add_promote(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument(
         "--tolerance", type=float, default=0.02, help="allowed relative MASE loss vs champion (default 0.02)"
     )
+    p.add_argument(
+        "--evidence",
+        choices=("backtest", "live"),
+        default="backtest",
+        help="gate on the backtest tags (`evaluate`, default) or on live accuracy: the forecasts the candidate "
+        "answered as shadow challenger and the champion answered for the same requests",
+    )
+    p.add_argument(
+        "--min-forecasts",
+        type=_positive,
+        default=200,
+        metavar="N",
+        help="live evidence: realised forecast candles both answered (default 200)",
+    )
+    _add_live_store(p)
     _add_flag(p, "--force", "skip the gate (needs --reason)")
     p.add_argument("--reason", type=_text, help="why (recorded in the event log)")
     p.set_defaults(handler=_run_promote)
@@ -204,6 +219,14 @@ def _add_auth_setup(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.set_defaults(handler=_run_auth_setup)
 
 
+def _add_live_store(parser: argparse.ArgumentParser) -> None:
+    """--store and --window-days: where live accuracy is read."""
+    parser.add_argument(
+        "--store", type=_text, metavar="URI", help="live store (default $KRONOS_LIVE_STORE_URI or .state/live.db)"
+    )
+    parser.add_argument("--window-days", type=_optional(float), metavar="D", help="rolling window (default 7 days)")
+
+
 def _add_live(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "live",
@@ -215,10 +238,7 @@ def _add_live(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         "over the window is printed.",
     )
     p.add_argument("--actuals", type=_optional(Path), metavar="FILE", help="realised candles to store first")
-    p.add_argument(
-        "--store", type=_text, metavar="URI", help="live store (default $KRONOS_LIVE_STORE_URI or .state/live.db)"
-    )
-    p.add_argument("--window-days", type=_optional(float), metavar="D", help="rolling window (default 7 days)")
+    _add_live_store(p)
     _add_flag(p, "--json", "print JSON instead of a table")
     p.set_defaults(handler=_run_live)
 
@@ -335,17 +355,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_promote(args: argparse.Namespace) -> int:
     from .gate import GatePolicy
-    from .promote import promote
+    from .promote import LiveEvidence, promote
     from .registry import CHALLENGER, connect
 
     if args.ref and args.version_opt:
         raise CliError("give the version once: VERSION or --version", errors.USAGE)
+    if args.window_days is not None and args.window_days <= 0:
+        raise CliError(f"--window-days must be > 0, got {args.window_days}", errors.USAGE)
+    window_s = args.window_days * 86400 if args.window_days is not None else None
+    live = LiveEvidence(args.store, window_s) if args.evidence == "live" else None
     promote(
         connect(args.name),
         args.version_opt or args.ref or CHALLENGER,
-        GatePolicy(args.max_mase, args.tolerance),
+        GatePolicy(args.max_mase, args.tolerance, args.min_forecasts),
         args.force,
         args.reason,
+        live,
     )
     return errors.OK
 

@@ -1,5 +1,8 @@
-"""The promotion gate: a candidate must beat persistence on MASE and not be worse than the
-current champion (same evaluation setup) beyond a relative tolerance."""
+"""The promotion gates. On backtest evidence (`kronos-registry evaluate` tags): a candidate
+must beat persistence on MASE and not be worse than the current champion (same evaluation
+setup) beyond a relative tolerance. On live evidence (`check_live`): the same two rules on
+the forecasts both versions answered for the same requests in production (the candidate as
+the shadow challenger), with at least `min_forecasts` of them realised."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ class GatePolicy:
 
     max_mase: float = 1.0
     tolerance: float = 0.02
+    min_forecasts: int = 200  # live evidence: matched forecast candles both versions answered
 
 
 @dataclass
@@ -89,3 +93,61 @@ def check(candidate: ModelVersion, champion: ModelVersion | None, policy: GatePo
             f"x (1 + {policy.tolerance:g}) = {limit:.4f}"
         )
     return decision
+
+
+def check_live(candidate: str, champion: str | None, paired: dict[str, dict], policy: GatePolicy) -> GateDecision:
+    """Decide on live evidence: `paired` maps each version to its metrics on the shared
+    forecast candles (`serving.live.accuracy.paired_accuracy` rows by version)."""
+    mine = paired.get(str(candidate), {})
+    count = int(mine.get("forecasts") or 0)
+    mase = mine.get("mase")
+    numbers: dict[str, float | str | None] = {
+        "evidence": "live",
+        "candidate": str(candidate),
+        "candidate_mase": _number(mase),
+        "matched_forecasts": count,
+        "min_forecasts": policy.min_forecasts,
+        "max_mase": policy.max_mase,
+        "tolerance": policy.tolerance,
+    }
+    decision = GateDecision(True, [], numbers)
+    if champion is None or str(champion) == str(candidate):
+        decision.fail("live evidence compares the candidate with a champion; there is none to compare with")
+        return decision
+    theirs = paired.get(str(champion), {})
+    champion_mase = _number(theirs.get("mase"))
+    numbers.update(champion=str(champion), champion_mase=champion_mase)
+    if count < policy.min_forecasts:
+        decision.fail(
+            f"{count} realised forecast candles answered by both v{candidate} and champion v{champion} "
+            f"(need >= {policy.min_forecasts}: send traffic with the challenger shadowing, then the actuals)"
+        )
+        return decision
+    if numbers["candidate_mase"] is None or champion_mase is None:
+        decision.fail("no live MASE: the realised candles never moved from the last close")
+        return decision
+    value = float(numbers["candidate_mase"])
+    if value < policy.max_mase:
+        decision.reasons.append(f"live MASE {value:.4f} < {policy.max_mase:g} on {count} forecasts")
+    else:
+        decision.fail(f"live MASE {value:.4f} >= {policy.max_mase:g}: does not beat persistence")
+    limit = champion_mase * (1 + policy.tolerance)
+    if value <= limit:
+        decision.reasons.append(
+            f"live MASE {value:.4f} <= champion v{champion} {champion_mase:.4f} x (1 + {policy.tolerance:g})"
+        )
+    else:
+        decision.fail(
+            f"live MASE {value:.4f} > champion v{champion} {champion_mase:.4f} "
+            f"x (1 + {policy.tolerance:g}) = {limit:.4f}"
+        )
+    return decision
+
+
+def _number(value: object) -> float | None:
+    """A finite float, else None (NaN and missing alike)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number == number and abs(number) != float("inf") else None

@@ -47,9 +47,8 @@ def store_uri(given: str | None) -> str:
 def live_table(request: LiveRequest, now: float | None = None) -> tuple[pd.DataFrame, dict[str, int], int]:
     """(accuracy table, store counts, realised candles stored by this call)."""
     from serving.live.accuracy import accuracy_table
-    from serving.live.store import LiveStore
-
     from serving.live.settings import LiveSettings
+    from serving.live.store import LiveStore
 
     window_s = request.window_s if request.window_s is not None else LiveSettings().window_s
     store = LiveStore.open(store_uri(request.store_uri))
@@ -84,3 +83,22 @@ def run_live(request: LiveRequest) -> str:
     else:
         lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return "\n".join(lines)
+
+
+def paired_metrics(
+    store: str | None, champion: str, candidate: str, window_s: float | None, now: float | None = None
+) -> dict[str, dict]:
+    """version -> metrics on the forecast candles both versions answered for the same
+    requests within the window (the promotion gate's live evidence)."""
+    from serving.live.accuracy import paired_accuracy
+    from serving.live.settings import LiveSettings
+    from serving.live.store import LiveStore
+
+    window_s = window_s if window_s is not None else LiveSettings().window_s
+    now = time.time() if now is None else now
+    live = LiveStore.open(store_uri(store))
+    try:
+        table = paired_accuracy(live.matched(since=now - window_s), champion, candidate)
+    finally:
+        live.close()
+    return {str(row["model_version"]): row for row in json.loads(table.to_json(orient="records"))}

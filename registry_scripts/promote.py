@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .errors import CliError, GateRefusedError, NotFoundError
 from .events import append_event, champion_lineage, read_events
-from .gate import GatePolicy, check
+from .gate import GatePolicy, check, check_live
 from .registry import CHALLENGER, CHAMPION, Registry
 
 
-def promote(registry: Registry, ref: str, policy: GatePolicy, force: bool, reason: str | None) -> str:
-    """Make version `ref` (default: challenger) champion when the gate passes or `force`."""
+@dataclass(frozen=True)
+class LiveEvidence:
+    """Where the live gate reads: the live store (None: the default one) and its window."""
+
+    store: str | None = None
+    window_s: float | None = None
+
+
+def promote(
+    registry: Registry,
+    ref: str,
+    policy: GatePolicy,
+    force: bool,
+    reason: str | None,
+    live: LiveEvidence | None = None,
+) -> str:
+    """Make version `ref` (default: challenger) champion when the gate passes or `force`.
+    The gate reads the backtest tags, or with `live` the live store (`gate.check_live`)."""
     if force and not (reason and reason.strip()):
         raise CliError('--force needs --reason "why" (it is recorded)', 2)
     candidate = registry.resolve(ref)
@@ -17,8 +35,14 @@ def promote(registry: Registry, ref: str, policy: GatePolicy, force: bool, reaso
     if previous == str(candidate.version):
         print(f"version {candidate.version} is already {CHAMPION}; nothing to do")
         return str(candidate.version)
-    champion = registry.resolve(CHAMPION) if previous is not None else None
-    decision = check(candidate, champion, policy)
+    if live is None:
+        champion = registry.resolve(CHAMPION) if previous is not None else None
+        decision = check(candidate, champion, policy)
+    else:
+        from .live import paired_metrics
+
+        paired = paired_metrics(live.store, previous, str(candidate.version), live.window_s) if previous else {}
+        decision = check_live(str(candidate.version), previous, paired, policy)
     if not decision.passed and not force:
         raise GateRefusedError(
             f"gate refused version {candidate.version}: {decision.summary()}; {CHAMPION} stays at {previous or 'none'}"

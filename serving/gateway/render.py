@@ -96,8 +96,18 @@ class GatewaySettings(BaseSettings):
     error_log: str = Field("stderr", description="error log: stderr or a path")
     error_log_level: str = Field("warn", description="error log level")
     user: str = Field("", description="worker user; only used when nginx starts as root")
+    shadow_http: CommaList = Field(
+        default_factory=list,
+        description="challenger MLServer REST servers (host:port) that get a copy of inference requests; empty: none",
+    )
+    shadow_percent: float = Field(
+        100.0, ge=0, le=100, description="share of REST inference requests copied to shadow_http (%, by request id)"
+    )
+    shadow_relay_port: int = Field(
+        8003, ge=1, le=65535, description="loopback port of the relay that lets shadow requests outlive the client's"
+    )
 
-    @field_validator("upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs", mode="before")
+    @field_validator("upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs", "shadow_http", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_commas(value)
@@ -107,6 +117,11 @@ class GatewaySettings(BaseSettings):
     def _servers(cls, servers: list[str]) -> list[str]:
         if not servers:
             raise ValueError("at least one upstream server is needed")
+        return cls._shadow_servers(servers)
+
+    @field_validator("shadow_http")
+    @classmethod
+    def _shadow_servers(cls, servers: list[str]) -> list[str]:
         for server in servers:
             if not _HOST_PORT.match(server):
                 raise ValueError(f"upstream server {server!r} is not host:port")
@@ -164,8 +179,10 @@ class GatewaySettings(BaseSettings):
     def _distinct_ports(self) -> GatewaySettings:
         # the config tells REST from gRPC requests by the port they arrived on
         ports = [self.http_port, self.grpc_port, self.status_port]
+        if self.shadow_http:
+            ports.append(self.shadow_relay_port)
         if len(set(ports)) != len(ports):
-            raise ValueError(f"http_port, grpc_port and status_port must differ, got {ports}")
+            raise ValueError(f"http_port, grpc_port, status_port and shadow_relay_port must differ, got {ports}")
         return self
 
     @property
@@ -212,7 +229,81 @@ def template_values(settings: GatewaySettings) -> dict[str, str]:
         "http_port": str(settings.http_port),
         "grpc_port": str(settings.grpc_port),
         "status_listen": f"{_host(settings.status_host)}:{settings.status_port}",
+        **shadow_values(settings),
     }
+
+
+def _percent(value: float) -> str:
+    """A split_clients share: at most two decimals, no exponent."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def shadow_values(settings: GatewaySettings) -> dict[str, str]:
+    """The shadow-traffic parts of the config (empty strings when `shadow_http` is empty).
+
+    nginx's `mirror` keeps the client's connection busy until the copy is answered (the
+    next request of a keep-alive client would wait for the challenger), so the copy goes to
+    a loopback relay that is let go after 1 ms; the relay, with `proxy_ignore_client_abort`,
+    carries the request to the challenger and drops its answer. Which requests are copied is
+    decided by the request id (`split_clients`), the same id the model servers sample by."""
+    if not settings.shadow_http:
+        return {"shadow_http_block": "", "shadow_rest_locations": ""}
+    indent = " " * 8
+    relay = f"127.0.0.1:{settings.shadow_relay_port}"
+    share = (
+        f"{indent}* 1;"
+        if settings.shadow_percent >= 100
+        else f"{indent}{_percent(settings.shadow_percent)}% 1;\n{indent}* 0;"
+    )
+    timeout = _ms(settings.upstream_timeout_s)
+    http_block = f"""
+    # --- shadow traffic: a share of REST inference requests, by request id, is copied to
+    # the challenger servers through a loopback relay; their answers are dropped.
+    split_clients "$kronos_request_id" $kronos_shadow {{
+{share}
+    }}
+    upstream kronos_shadow_http {{
+{chr(10).join(f"{indent}server {s};" for s in settings.shadow_http)}
+        keepalive {settings.upstream_keepalive};
+    }}
+    server {{
+        listen {relay};
+        server_name _;
+        access_log off;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_ignore_client_abort on;
+        proxy_connect_timeout {_ms(settings.connect_timeout_s)}ms;
+        proxy_send_timeout {timeout}ms;
+        proxy_read_timeout {timeout}ms;
+        location / {{
+            proxy_pass http://kronos_shadow_http;
+        }}
+    }}
+"""
+    rest_locations = f"""
+        # Inference requests: also copied to the shadow (challenger) servers, see above.
+        location ~ ^(/v2/models/[^/]+(/versions/[^/]+)?/infer|/invocations)$ {{
+            mirror /_kronos_shadow;
+            mirror_request_body on;
+            proxy_pass http://kronos_http;
+        }}
+        location = /_kronos_shadow {{
+            internal;
+            access_log off;
+            error_log {settings.error_log} crit;  # the relay is let go on purpose: no timeout lines
+            if ($kronos_shadow = 0) {{
+                return 204;
+            }}
+            proxy_set_header X-Request-ID $kronos_request_id;
+            proxy_set_header X-Kronos-Shadow "1";
+            proxy_connect_timeout {_ms(settings.connect_timeout_s)}ms;
+            proxy_send_timeout {timeout}ms;
+            proxy_read_timeout 1ms;
+            proxy_pass http://{relay}$request_uri;
+        }}
+"""
+    return {"shadow_http_block": http_block, "shadow_rest_locations": rest_locations}
 
 
 def render_config(settings: GatewaySettings, template: str | None = None) -> str:

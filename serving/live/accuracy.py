@@ -129,3 +129,27 @@ def accuracy_table(matched: pd.DataFrame, by: Sequence[str] = ("role", "model_ve
     if "horizon" in by:
         table["horizon"] = table["horizon"].astype(str)
     return table[[*by, *METRICS]]
+
+
+PAIR_KEYS = ("request_id", "series_id", "timestamp")
+
+
+def paired_accuracy(matched: pd.DataFrame, champion: str, challenger: str) -> pd.DataFrame:
+    """The metrics of two model versions on the forecast candles both answered: the same
+    request (a shadow copy keeps the request id), series and timestamp. One row per
+    version (`model_version`, then METRICS), champion first; rows with 0 forecasts when the
+    two share nothing. A version's duplicate answers to one key count once (the latest)."""
+    versions = matched["model_version"].astype(str)
+    sides = []
+    for version in (str(champion), str(challenger)):
+        side = matched[versions == version].drop_duplicates(list(PAIR_KEYS), keep="last")
+        sides.append(side.set_index(list(PAIR_KEYS)))
+    shared = sides[0].index.intersection(sides[1].index)
+    rows = []
+    for version, side in zip((str(champion), str(challenger)), sides, strict=True):
+        paired = side.loc[shared].reset_index()
+        table = accuracy_table(paired.assign(model_version=version), by=("model_version",))
+        if table.empty:
+            table = pd.DataFrame([{"model_version": version, "forecasts": 0, **dict.fromkeys(METRICS[1:], np.nan)}])
+        rows.append(table)
+    return pd.concat(rows, ignore_index=True)[["model_version", *METRICS]]

@@ -266,6 +266,7 @@ def test_stack_services_networks_healthchecks_limits() -> None:
         "auth-setup",
         "register",
         "kronos",
+        "kronos-challenger",
         "gateway",
         "gateway-exporter",
         "prometheus",
@@ -282,7 +283,15 @@ def test_stack_services_networks_healthchecks_limits() -> None:
         limits = service["deploy"]["resources"]["limits"]
         assert limits["cpus"] and limits["memory"], name
     # the model server is reachable only through the gateway
-    assert "ports" not in services["kronos"]
+    assert "ports" not in services["kronos"] and "ports" not in services["kronos-challenger"]
+    # the shadow challenger: the champion's server on the challenger alias, opt-in (profile)
+    challenger = services["kronos-challenger"]
+    assert challenger["profiles"] == ["shadow"]
+    assert challenger["environment"]["KRONOS_MODEL_URI"] == "models:/kronos@challenger"
+    shared = {k: v for k, v in challenger["environment"].items() if k != "KRONOS_MODEL_URI"}
+    assert shared == {k: v for k, v in services["kronos"]["environment"].items() if k != "KRONOS_MODEL_URI"}
+    assert challenger["environment"]["KRONOS_LIVE_STORE_URI"].startswith("postgresql+psycopg://")
+    assert set(challenger["networks"]) == {"serving", "monitoring"}
     assert set(services["kronos"]["networks"]) == {"serving", "monitoring"}
     assert "serving" not in services["prometheus"]["networks"]
     assert services["postgres"]["networks"].keys() == {"serving"}
@@ -550,8 +559,10 @@ def test_credential_checker_catches_leaks() -> None:
         "which the service does not mount",
     ]
     del leaky["secrets"]["mlflow_serving_password"]
-    assert credential_problems(leaky, [])[-2:] == [
+    assert credential_problems(leaky, [])[-3:] == [
         "kronos: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_serving_password', which the file does not define",
+        "kronos-challenger: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_serving_password', "
+        "which the file does not define",
         "register: MLFLOW_TRACKING_PASSWORD_FILE names secret 'mlflow_manager_password', "
         "which the service does not mount",
     ]
@@ -647,8 +658,13 @@ def test_compose_gateway_environment_renders_a_config_nginx_accepts(
     settings = GatewaySettings()
     assert settings.rate_limit == "20r/s" and settings.max_body_size == "16m"
     assert settings.server_deadline_s == 300
+    assert settings.shadow_http == [] and settings.shadow_percent == 100  # shadowing is opt-in
     prepare_prefix(settings, tmp_path)
     check_config(tmp_path)
+    # with the shadow challenger on (its host name replaced, as above)
+    shadowed = settings.model_copy(update={"shadow_http": ["127.0.0.1:8090"], "shadow_percent": 12.5})
+    prepare_prefix(shadowed, tmp_path / "shadowed")
+    check_config(tmp_path / "shadowed")
 
 
 def test_ports_agree_across_settings_dockerfile_compose_and_prometheus() -> None:
@@ -686,12 +702,14 @@ def test_service_environment_names_are_real_settings() -> None:
     """A misspelt KRONOS_* variable stops the server at start-up: none in the stack."""
     from model_package.settings import ModelSettings, settings_variables
     from serving.gateway.render import GatewaySettings
+    from serving.live.settings import LiveSettings
     from serving.settings import ServingSettings
 
     services = _resolved(COMPOSE, COMPOSE_DEV)["services"]
-    serving_fields = settings_variables(ModelSettings, ServingSettings)
-    kronos_env = {name for name in services["kronos"]["environment"] if name.startswith("KRONOS_")}
-    assert kronos_env and kronos_env <= serving_fields, kronos_env - serving_fields
+    serving_fields = settings_variables(ModelSettings, ServingSettings, LiveSettings)
+    for server in ("kronos", "kronos-challenger"):
+        kronos_env = {name for name in services[server]["environment"] if name.startswith("KRONOS_")}
+        assert kronos_env and kronos_env <= serving_fields, kronos_env - serving_fields
     gateway_fields = {f"KRONOS_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
     gateway_env = set(services["gateway"]["environment"])
     assert gateway_env <= gateway_fields, gateway_env - gateway_fields

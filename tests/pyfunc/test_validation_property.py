@@ -94,6 +94,7 @@ GOOD_VALUE = {
     "seed": st.integers(0, 2**64 - 1),
     "quantiles": st.lists(st.floats(0.01, 0.99), max_size=4, unique=True),
     "freq": st.sampled_from([None, "B", "D", "5min", "h", "W-MON", "2262D"]),
+    "calendar": st.sampled_from([None, "", "XNYS", "xshg", "24/7", "NYSE", "XMOON"]),
     "strict_candles": st.booleans(),
     "repair_candles": st.booleans(),
 }
