@@ -13,7 +13,7 @@ BIN_PD3 := $(VENV_PD3)/bin
 STAMP_PD3 := $(VENV_PD3)/.installed
 PIP_PD3 := $(BIN_PD3)/python -m pip --disable-pip-version-check -q
 
-.PHONY: help secrets venv system test test-pandas3 test-fast lint serve bench bench-train bench-batch demo-model demo-model-card loadtest soak clean
+.PHONY: help secrets venv system test test-pandas3 test-fast lint serve bench bench-train bench-batch demo-model demo-model-card demo-live bench-shadow loadtest soak clean
 
 help:
 	@echo "make test    - set up (venv, packages, system services) and run the whole test suite"
@@ -23,6 +23,8 @@ help:
 	@echo "make bench-train - training step vs upstream Kronos (needs ../shared/reference)"
 	@echo "make bench-batch - batch forecasts: Spark local[1] / local[2] vs one pyfunc call vs a loop"
 	@echo "make demo-model - train the shipped demo model from scratch (CPU, <30 min) + its model card"
+	@echo "make demo-live - champion + shadow challenger, a replayed month, the live table, promote on it"
+	@echo "make bench-shadow - champion latency through the gateway with and without the shadow copy"
 	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
 	@echo "make soak    - start a local stack, soak it below and above capacity, check"
@@ -95,6 +97,18 @@ demo-model: venv
 
 demo-model-card: venv
 	$(BIN)/python -m registry_scripts.demo_model card
+
+# Live evidence end to end (serving/live/demo.py): a temporary registry (v1 untrained
+# champion, v2 the trained demo model as challenger), two MLServers, the gateway shadowing
+# the challenger, a held-out month replayed as requests plus outcomes, the live table, the
+# gauges of the Grafana row and `promote --evidence live` (about a minute on 2 cores).
+demo-live: venv system
+	$(BIN)/python -m serving.live.demo $(DEMO_ARGS)
+
+# Champion latency through the gateway with and without the shadow copy (the challenger at
+# nice 19), alternating requests; prints medians, p90s and their ratio.
+bench-shadow: venv system
+	$(BIN)/python -m serving.loadtest.shadow_bench $(BENCH_ARGS)
 
 # Registers NeoQuasar/Kronos-small as kronos@champion when the registry has none (the shipped
 # trained demo model, model_package/demo_weights, when the hub is unreachable), then runs MLServer on

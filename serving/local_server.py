@@ -528,3 +528,30 @@ def describe_weights(preset: str | None) -> str:
     if preset is None:
         return "the shipped trained demo model (model_package/demo_weights)"
     return f"RANDOM weights of the {preset} shape (--preset {preset}: speed only, forecasts meaningless)"
+
+
+def local_gateway_settings(champion: LocalServer, shadow: LocalServer | None = None, **overrides: Any) -> Any:
+    """`GatewaySettings` for a gateway on 127.0.0.1 and free ports in front of `champion`,
+    copying REST inference to `shadow` when given (a generous rate limit, one worker, the
+    current user's workers); `overrides` replace any field (e.g. allow_cidrs, admin_cidrs)."""
+    from serving.gateway.render import GatewaySettings
+
+    fields: dict[str, Any] = {
+        "listen_host": LOCALHOST,
+        "http_port": free_port(),
+        "grpc_port": free_port(),
+        "status_port": free_port(),
+        "shadow_relay_port": free_port(),
+        "upstream_http": [f"{LOCALHOST}:{champion.http_port}"],
+        "upstream_grpc": [f"{LOCALHOST}:{champion.grpc_port}"],
+        "shadow_http": [f"{LOCALHOST}:{shadow.http_port}"] if shadow is not None else [],
+        "allow_cidrs": ["127.0.0.0/8"],
+        "admin_cidrs": ["127.0.0.1/32"],
+        "rate_limit": "1000r/s",
+        "rate_limit_burst": 1000,
+        "worker_processes": "1",
+        # as root, nginx workers would switch to `nobody`, who cannot write private temp dirs
+        "user": "root" if os.geteuid() == 0 else "",
+    }
+    fields.update(overrides)
+    return GatewaySettings(**fields)

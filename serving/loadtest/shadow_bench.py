@@ -24,9 +24,9 @@ import httpx
 from model_package.data import load_index
 from model_package.demo import DEMO_MAX_CONTEXT
 from serving.gateway.process import GatewayProcess
-from serving.gateway.render import GatewaySettings
 from serving.live.store import LiveStore
-from serving.local_server import MODEL_NAME, LocalServer, free_port, register_demo_model
+from serving.loadtest.payloads import Spec, rest_body
+from serving.local_server import MODEL_NAME, LocalServer, local_gateway_settings, register_demo_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,38 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def gateway_settings(champion: LocalServer, shadow: LocalServer | None) -> GatewaySettings:
-    return GatewaySettings(
-        listen_host="127.0.0.1",
-        http_port=free_port(),
-        grpc_port=free_port(),
-        status_port=free_port(),
-        shadow_relay_port=free_port(),
-        upstream_http=[f"127.0.0.1:{champion.http_port}"],
-        upstream_grpc=[f"127.0.0.1:{champion.grpc_port}"],
-        shadow_http=[f"127.0.0.1:{shadow.http_port}"] if shadow is not None else [],
-        allow_cidrs=["127.0.0.0/8"],
-        rate_limit="1000r/s",
-        rate_limit_burst=1000,
-        worker_processes="1",
-        user="root" if os.geteuid() == 0 else "",
-    )
-
-
 def v2_body(history_rows: int, pred_len: int, sample_count: int) -> dict:
+    """The S&P 500's last `history_rows` daily candles as a V2 REST body."""
     frame = load_index("SP500", last=history_rows)
-    inputs = [
-        {
-            "name": "timestamp",
-            "datatype": "BYTES",
-            "shape": [len(frame), 1],
-            "data": [t.isoformat() for t in frame["timestamp"]],
-        }
-    ]
-    for column in ("open", "high", "low", "close", "volume"):
-        inputs.append({"name": column, "datatype": "FP64", "shape": [len(frame), 1], "data": frame[column].tolist()})
-    params = {"content_type": "pd", "pred_len": pred_len, "sample_count": sample_count, "seed": 1}
-    return {"inputs": inputs, "parameters": params}
+    history = frame[["series_id", "timestamp", "open", "high", "low", "close", "volume"]]
+    return rest_body(Spec(history, {"pred_len": pred_len, "sample_count": sample_count, "seed": 1}))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         os.setpriority(os.PRIO_PGRP, challenger.process.pid, 19)
         try:
             with (
-                GatewayProcess(gateway_settings(champion, None), prefix=root / "plain") as plain,
-                GatewayProcess(gateway_settings(champion, challenger), prefix=root / "shadowed") as shadowed,
+                GatewayProcess(local_gateway_settings(champion), prefix=root / "plain") as plain,
+                GatewayProcess(local_gateway_settings(champion, challenger), prefix=root / "shadowed") as shadowed,
             ):
                 body = v2_body(args.history, args.pred_len, args.sample_count)
                 timings: dict[str, list[float]] = {"plain": [], "shadowed": []}

@@ -26,10 +26,9 @@ from serving_helpers import TINY_MAX_CONTEXT, Server, history, response_frame, s
 from model_package import KronosForecaster
 from model_package.kronos import load_model, write_random_checkpoint
 from serving.gateway.process import GatewayProcess
-from serving.gateway.render import GatewaySettings
 from serving.live.accuracy import paired_accuracy
 from serving.live.store import LiveStore
-from serving.local_server import MODEL_NAME, LocalRegistry, free_port
+from serving.local_server import MODEL_NAME, LocalRegistry, local_gateway_settings
 
 pytestmark = pytest.mark.integration
 
@@ -79,21 +78,8 @@ def shadow(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Pat
             registry.tracking_uri,
             env={**live_env, "KRONOS_MODEL_URI": "models:/kronos@challenger"},
         )
-        settings = GatewaySettings(
-            listen_host="127.0.0.1",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            status_port=free_port(),
-            shadow_relay_port=free_port(),
-            upstream_http=[f"127.0.0.1:{champion.http_port}"],
-            upstream_grpc=[f"127.0.0.1:{champion.grpc_port}"],
-            shadow_http=[f"127.0.0.1:{challenger.http_port}"],
-            allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"],
-            admin_cidrs=[f"{ADMIN}/32"],
-            rate_limit="100r/s",
-            rate_limit_burst=100,
-            worker_processes="1",
-            user="root" if os.geteuid() == 0 else "",
+        settings = local_gateway_settings(
+            champion, challenger, allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"], admin_cidrs=[f"{ADMIN}/32"]
         )
         forecaster = KronosForecaster.from_pretrained(tokenizer_dir, other, max_context=TINY_MAX_CONTEXT, device="cpu")
         with GatewayProcess(settings, prefix=root / "gateway") as gateway:
