@@ -100,6 +100,10 @@ class GatewaySettings(BaseSettings):
         default_factory=list,
         description="challenger MLServer REST servers (host:port) that get a copy of inference requests; empty: none",
     )
+    shadow_grpc: CommaList = Field(
+        default_factory=list,
+        description="challenger MLServer gRPC servers (host:port) that get a copy of ModelInfer calls; empty: none",
+    )
     shadow_percent: float = Field(
         100.0, ge=0, le=100, description="share of REST inference requests copied to shadow_http (%, by request id)"
     )
@@ -107,7 +111,9 @@ class GatewaySettings(BaseSettings):
         8003, ge=1, le=65535, description="loopback port of the relay that lets shadow requests outlive the client's"
     )
 
-    @field_validator("upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs", "shadow_http", mode="before")
+    @field_validator(
+        "upstream_http", "upstream_grpc", "allow_cidrs", "admin_cidrs", "shadow_http", "shadow_grpc", mode="before"
+    )
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_commas(value)
@@ -119,7 +125,7 @@ class GatewaySettings(BaseSettings):
             raise ValueError("at least one upstream server is needed")
         return cls._shadow_servers(servers)
 
-    @field_validator("shadow_http")
+    @field_validator("shadow_http", "shadow_grpc")
     @classmethod
     def _shadow_servers(cls, servers: list[str]) -> list[str]:
         for server in servers:
@@ -239,41 +245,65 @@ def _percent(value: float) -> str:
 
 
 def shadow_values(settings: GatewaySettings) -> dict[str, str]:
-    """The shadow-traffic parts of the config (empty strings when `shadow_http` is empty).
+    """The shadow-traffic parts of the config (empty strings when no shadow server is set).
 
-    nginx's `mirror` keeps the client's connection busy until the copy is answered (the
-    next request of a keep-alive client would wait for the challenger), so the copy goes to
-    a loopback relay that is let go after 1 ms; the relay, with `proxy_ignore_client_abort`,
-    carries the request to the challenger and drops its answer. Which requests are copied is
-    decided by the request id (`split_clients`), the same id the model servers sample by."""
-    if not settings.shadow_http:
-        return {"shadow_http_block": "", "shadow_rest_locations": ""}
+    REST: nginx's `mirror` keeps the client's connection busy until the copy is answered
+    (the next request of a keep-alive client would wait for the challenger), so the copy
+    goes to a loopback relay that is let go after 1 ms; the relay, with
+    `proxy_ignore_client_abort`, carries the request to the challenger and drops its answer.
+    gRPC: HTTP/2 streams are independent, so `ModelInfer` is copied straight to the
+    challenger's gRPC servers. Which requests are copied is decided by the request id
+    (`split_clients`), the same id the model servers sample by."""
+    values = {"shadow_http_block": "", "shadow_rest_locations": "", "shadow_grpc_locations": ""}
+    if not settings.shadow_http and not settings.shadow_grpc:
+        return values
     indent = " " * 8
-    relay = f"127.0.0.1:{settings.shadow_relay_port}"
     share = (
         f"{indent}* 1;"
         if settings.shadow_percent >= 100
         else f"{indent}{_percent(settings.shadow_percent)}% 1;\n{indent}* 0;"
     )
-    timeout = _ms(settings.upstream_timeout_s)
     http_block = f"""
-    # --- shadow traffic: a share of REST inference requests, by request id, is copied to
-    # the challenger servers through a loopback relay; their answers are dropped.
+    # --- shadow traffic: a share of inference requests, by request id, is copied to the
+    # challenger servers; their answers are dropped (see the shadow locations below).
     split_clients "$kronos_request_id" $kronos_shadow {{
 {share}
     }}
-    upstream kronos_shadow_http {{
-{chr(10).join(f"{indent}server {s};" for s in settings.shadow_http)}
-        keepalive {settings.upstream_keepalive};
+"""
+    if settings.shadow_http:
+        block, locations = _shadow_rest(settings)
+        http_block += block
+        values["shadow_rest_locations"] = locations
+    if settings.shadow_grpc:
+        block, locations = _shadow_grpc(settings)
+        http_block += block
+        values["shadow_grpc_locations"] = locations
+    values["shadow_http_block"] = http_block
+    return values
+
+
+def _servers_block(name: str, servers: list[str], keepalive: int) -> str:
+    lines = "\n".join(f"        server {server};" for server in servers)
+    return f"""    upstream {name} {{
+{lines}
+        keepalive {keepalive};
     }}
-    server {{
+"""
+
+
+def _shadow_rest(settings: GatewaySettings) -> tuple[str, str]:
+    """(http-level upstream + loopback relay, REST server locations) of the REST copies."""
+    relay = f"127.0.0.1:{settings.shadow_relay_port}"
+    timeout, connect = _ms(settings.upstream_timeout_s), _ms(settings.connect_timeout_s)
+    block = _servers_block("kronos_shadow_http", settings.shadow_http, settings.upstream_keepalive)
+    block += f"""    server {{
         listen {relay};
         server_name _;
         access_log off;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_ignore_client_abort on;
-        proxy_connect_timeout {_ms(settings.connect_timeout_s)}ms;
+        proxy_connect_timeout {connect}ms;
         proxy_send_timeout {timeout}ms;
         proxy_read_timeout {timeout}ms;
         location / {{
@@ -281,7 +311,7 @@ def shadow_values(settings: GatewaySettings) -> dict[str, str]:
         }}
     }}
 """
-    rest_locations = f"""
+    locations = f"""
         # Inference requests: also copied to the shadow (challenger) servers, see above.
         location ~ ^(/v2/models/[^/]+(/versions/[^/]+)?/infer|/invocations)$ {{
             mirror /_kronos_shadow;
@@ -297,13 +327,38 @@ def shadow_values(settings: GatewaySettings) -> dict[str, str]:
             }}
             proxy_set_header X-Request-ID $kronos_request_id;
             proxy_set_header X-Kronos-Shadow "1";
-            proxy_connect_timeout {_ms(settings.connect_timeout_s)}ms;
+            proxy_connect_timeout {connect}ms;
             proxy_send_timeout {timeout}ms;
             proxy_read_timeout 1ms;
             proxy_pass http://{relay}$request_uri;
         }}
 """
-    return {"shadow_http_block": http_block, "shadow_rest_locations": rest_locations}
+    return block, locations
+
+
+def _shadow_grpc(settings: GatewaySettings) -> tuple[str, str]:
+    """(http-level upstream, gRPC server locations) of the ModelInfer copies."""
+    block = _servers_block("kronos_shadow_grpc", settings.shadow_grpc, settings.upstream_keepalive)
+    locations = """
+        # ModelInfer calls: also copied to the shadow (challenger) gRPC servers.
+        location = /inference.GRPCInferenceService/ModelInfer {
+            mirror /_kronos_shadow_grpc;
+            mirror_request_body on;
+            grpc_pass grpc://kronos_grpc;
+        }
+        location = /_kronos_shadow_grpc {
+            internal;
+            access_log off;
+            if ($kronos_shadow = 0) {
+                return 204;
+            }
+            rewrite ^ $request_uri break;  # the copy calls the method the client called
+            grpc_set_header X-Request-ID $kronos_request_id;
+            grpc_set_header X-Kronos-Shadow "1";
+            grpc_pass grpc://kronos_shadow_grpc;
+        }
+"""
+    return block, locations
 
 
 def render_config(settings: GatewaySettings, template: str | None = None) -> str:

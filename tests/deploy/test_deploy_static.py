@@ -658,11 +658,13 @@ def test_compose_gateway_environment_renders_a_config_nginx_accepts(
     settings = GatewaySettings()
     assert settings.rate_limit == "20r/s" and settings.max_body_size == "16m"
     assert settings.server_deadline_s == 300
-    assert settings.shadow_http == [] and settings.shadow_percent == 100  # shadowing is opt-in
+    assert settings.shadow_http == settings.shadow_grpc == [] and settings.shadow_percent == 100  # opt-in
     prepare_prefix(settings, tmp_path)
     check_config(tmp_path)
     # with the shadow challenger on (its host name replaced, as above)
-    shadowed = settings.model_copy(update={"shadow_http": ["127.0.0.1:8090"], "shadow_percent": 12.5})
+    shadowed = settings.model_copy(
+        update={"shadow_http": ["127.0.0.1:8090"], "shadow_grpc": ["127.0.0.1:8091"], "shadow_percent": 12.5}
+    )
     prepare_prefix(shadowed, tmp_path / "shadowed")
     check_config(tmp_path / "shadowed")
 

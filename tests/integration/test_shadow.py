@@ -16,12 +16,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
 from integration_helpers import ADMIN, CLIENT
-from serving_helpers import TINY_MAX_CONTEXT, Server, history, response_frame, start_server, v2_request, wait_for
+from mlserver.grpc import dataplane_pb2_grpc as pb_grpc
+from serving_helpers import (
+    TINY_MAX_CONTEXT,
+    Server,
+    grpc_request,
+    history,
+    response_frame,
+    start_server,
+    v2_request,
+    wait_for,
+)
 
 from model_package import KronosForecaster
 from model_package.kronos import load_model, write_random_checkpoint
@@ -79,7 +90,11 @@ def shadow(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Pat
             env={**live_env, "KRONOS_MODEL_URI": "models:/kronos@challenger"},
         )
         settings = local_gateway_settings(
-            champion, challenger, allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"], admin_cidrs=[f"{ADMIN}/32"]
+            champion,
+            challenger,
+            allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"],
+            admin_cidrs=[f"{ADMIN}/32"],
+            shadow_grpc=[f"127.0.0.1:{challenger.grpc_port}"],
         )
         forecaster = KronosForecaster.from_pretrained(tokenizer_dir, other, max_context=TINY_MAX_CONTEXT, device="cpu")
         with GatewayProcess(settings, prefix=root / "gateway") as gateway:
@@ -145,6 +160,26 @@ def test_a_stalled_challenger_never_holds_up_the_champions_clients(shadow: Shado
     assert [r.status_code for r in replies] == [200, 200, 200], [r.text for r in replies]
     realised(shadow, frame)
     wait_for(lambda: shared_forecasts(shadow) >= before + 3 * PARAMS["pred_len"], "copies after the stall", 120)
+
+
+def test_grpc_calls_are_copied_too_and_a_stalled_challenger_holds_up_none(shadow: ShadowStack) -> None:
+    """ModelInfer through the gateway: the champion answers, the challenger records a copy;
+    with the challenger stopped, calls on one channel (one HTTP/2 connection) still return."""
+    before = shared_forecasts(shadow)
+    frame = history([f"gr-{uuid.uuid4().hex[:6]}"], seed=44)
+    stub_call = pb_grpc.GRPCInferenceServiceStub
+    with grpc.insecure_channel(shadow.gateway.grpc_target) as channel:
+        reply = stub_call(channel).ModelInfer(grpc_request(frame, PARAMS), timeout=TIMEOUT_S)
+        assert reply.parameters["model_version"].string_param == "1"
+        os.killpg(shadow.challenger.process.pid, signal.SIGSTOP)
+        try:
+            replies = [stub_call(channel).ModelInfer(grpc_request(frame, PARAMS), timeout=60) for _ in range(3)]
+        finally:
+            os.killpg(shadow.challenger.process.pid, signal.SIGCONT)
+    assert [r.parameters["model_version"].string_param for r in replies] == ["1"] * 3
+    realised(shadow, frame)
+    want = before + 4 * PARAMS["pred_len"]  # every call's copy, the stalled ones included
+    wait_for(lambda: shared_forecasts(shadow) >= want, "the challenger's gRPC copies", 120)
 
 
 def promote_live(shadow: ShadowStack, *extra: str) -> subprocess.CompletedProcess:
