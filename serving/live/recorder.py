@@ -201,7 +201,8 @@ class LiveRecorder:
 
     def refresh(self, now: float | None = None) -> pd.DataFrame:
         """Recompute accuracy over the window ending `now` and set the gauges; label sets
-        that left the window get 0 forecasts and NaN values. Returns the table."""
+        that left the window get 0 forecasts and NaN values; rows older than the retention
+        (never less than the window) are deleted. Returns the table."""
         now = time.time() if now is None else now
         table = accuracy_table(self.store().matched(since=now - self.settings.window_s))
         seen: set[tuple[str, str, str]] = set()
@@ -214,4 +215,6 @@ class LiveRecorder:
             for name, gauge in self.metrics.live.items():
                 gauge.labels(*labels).set(0.0 if name == "forecasts" else float("nan"))
         self._labels |= seen
+        if self.settings.retention_s > 0:
+            self.store().prune(now - max(self.settings.retention_s, self.settings.window_s))
         return table

@@ -41,6 +41,9 @@ class LiveSettings(BaseSettings):
     )
     window_s: float = Field(WEEK_S, gt=0, description="rolling window of the accuracy gauges (s, by answer time)")
     refresh_s: float = Field(30.0, ge=0, description="seconds between recomputations of the gauges; 0 = never")
+    retention_s: float = Field(
+        4 * WEEK_S, ge=0, description="forecasts and realised candles older than this are deleted (s); 0 = kept"
+    )
     queue_records: int = Field(
         100_000, ge=1, description="forecast candles waiting for the store writer; beyond: dropped and counted"
     )

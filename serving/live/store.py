@@ -404,6 +404,14 @@ class LiveStore:
             actuals = connection.execute(sa.select(sa.func.count()).select_from(ACTUALS)).scalar_one()
         return {"forecasts": int(forecasts), "actuals": int(actuals)}
 
+    def prune(self, before: float) -> dict[str, int]:
+        """Delete forecasts answered and realised candles received before `before` (unix s);
+        returns the rows deleted per table."""
+        with self.engine.begin() as connection:
+            forecasts = connection.execute(sa.delete(FORECASTS).where(FORECASTS.c.made_at < before)).rowcount
+            actuals = connection.execute(sa.delete(ACTUALS).where(ACTUALS.c.received_at < before)).rowcount
+        return {"forecasts": int(forecasts or 0), "actuals": int(actuals or 0)}
+
     def close(self) -> None:
         """Close the pooled connections (the store can still be used; it reconnects)."""
         self._engine.dispose()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +190,15 @@ def test_round_trip(store: LiveStore) -> None:
         ("champion", "1", 1),
         ("champion", "2-5", 2),
     ]
+
+
+def test_prune_deletes_what_is_older_than_the_cut(store: LiveStore) -> None:
+    store.add_forecasts([record("old", "AAA", 1, made_at=100.0), record("new", "AAA", 2, made_at=300.0)])
+    store.add_actuals(pd.DataFrame({"series_id": ["AAA"], "timestamp": [T0], "close": [1.0]}))
+    assert store.prune(before=200.0) == {"forecasts": 1, "actuals": 0}  # the actual arrived just now
+    assert store.counts() == {"forecasts": 1, "actuals": 1}
+    assert store.prune(before=time.time() + 1) == {"forecasts": 1, "actuals": 1}
+    assert store.counts() == {"forecasts": 0, "actuals": 0}
 
 
 def test_reopen_keeps_rows(store_url: str) -> None:
