@@ -1,8 +1,9 @@
-"""Shadow challenger, end to end: a real nginx gateway sends every REST inference request to
-the champion's MLServer and a copy to the challenger's; the client gets the champion's
-answer only, the challenger's answer is recorded in the shared live store, a stalled
-challenger never holds up the champion's clients, and `kronos-registry promote --evidence
-live` gates on the forecasts both answered for the same requests."""
+"""Shadow challenger, end to end: a real nginx gateway sends every inference request (REST
+and gRPC) to the champion's MLServer and a copy to the challenger's; the client gets the
+champion's answer only, the challenger's answer is recorded in the shared live store (a
+real PostgreSQL, as in the compose stack), a stalled challenger never holds up the
+champion's clients, and `kronos-registry promote --evidence live` gates on the forecasts
+both answered for the same requests."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from serving_helpers import (
     v2_request,
     wait_for,
 )
+from support import Postgres
 
 from model_package import KronosForecaster
 from model_package.kronos import load_model, write_random_checkpoint
@@ -71,7 +73,7 @@ class ShadowStack:
 @pytest.fixture(scope="module")
 def shadow(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Path, Path]) -> Iterator[ShadowStack]:
     """kronos v1 (champion) and v2 (challenger: other predictor weights), each on its own
-    MLServer, one sqlite live store for both, and a gateway copying all REST inference to v2."""
+    MLServer, one PostgreSQL live store for both, and a gateway copying all inference to v2."""
     root = tmp_path_factory.mktemp("shadow")
     tokenizer_dir, model_dir = tiny_checkpoints
     other = write_random_checkpoint(load_model(model_dir).config, root / "model-v2", seed=7)
@@ -79,11 +81,12 @@ def shadow(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Pat
     registry.log_version(tokenizer_dir, model_dir, max_context=TINY_MAX_CONTEXT, champion=True, example_rows=16)
     registry.log_version(tokenizer_dir, other, max_context=TINY_MAX_CONTEXT, example_rows=16)
     registry.client().set_registered_model_alias(MODEL_NAME, "challenger", "2")
-    store_uri = f"sqlite:///{root / 'live.db'}"
+    postgres = Postgres.start()  # the live store of both servers, as in the compose stack
+    store_uri = postgres.url
     live_env = {"KRONOS_LIVE_STORE_URI": store_uri}
-    champion = start_server(root / "champion", registry.tracking_uri, env=live_env)
-    challenger = None
+    champion = challenger = None
     try:
+        champion = start_server(root / "champion", registry.tracking_uri, env=live_env)
         challenger = start_server(
             root / "challenger",
             registry.tracking_uri,
@@ -103,7 +106,9 @@ def shadow(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: tuple[Pat
         if challenger is not None:
             os.killpg(challenger.process.pid, signal.SIGCONT)  # never leave a stopped group behind
             challenger.stop()
-        champion.stop()
+        if champion is not None:
+            champion.stop()
+        postgres.stop()
 
 
 def realised(stack: ShadowStack, frame: pd.DataFrame) -> None:
