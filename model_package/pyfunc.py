@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 from .budget import check_request_budget, request_cost
 from .errors import KronosInputError, brief, cut
-from .forecaster import KronosForecaster, PreparedRequest, SamplingParams
+from .forecaster import ANSWER_ATTR, KronosForecaster, PreparedRequest, SamplingParams
 from .frames import SERIES_ID, check_frame
 from .kronos import generate
 from .settings import ModelSettings
@@ -249,6 +250,7 @@ class KronosPyfuncModel(PythonModel):
 
     forecaster: KronosForecaster
     settings: ModelSettings
+    identity: dict[str, str]  # the logged model's model_id and run_id (from its MLmodel file)
 
     def load_context(self, context: PythonModelContext) -> None:
         """Load tokenizer and model from the artifacts; settings from KRONOS_* variables.
@@ -256,6 +258,7 @@ class KronosPyfuncModel(PythonModel):
         A precision the device cannot run (`KRONOS_DTYPE=float16` on cpu, `int8` on cuda)
         raises ValueError naming KRONOS_DTYPE before the weights are read."""
         self.settings = ModelSettings()
+        self.identity = model_identity(Path(context.artifacts[MODEL_ARTIFACT]))
         max_context = (context.model_config or {}).get(MAX_CONTEXT_KEY)
         self.forecaster = KronosForecaster.from_pretrained(
             tokenizer=context.artifacts[TOKENIZER_ARTIFACT],
@@ -273,6 +276,22 @@ class KronosPyfuncModel(PythonModel):
         """Forecast every series of `model_input` (long format) with the sampling params."""
         try:
             request = prepare_request(self.forecaster, model_input, params, self.settings)
-            return run_request(self.forecaster, request)
+            forecast = run_request(self.forecaster, request)
         except KronosInputError as exc:
             raise invalid_input(exc) from exc
+        forecast.attrs[ANSWER_ATTR].update(getattr(self, "identity", {}))
+        return forecast
+
+
+def model_identity(model_artifact: Path) -> dict[str, str]:
+    """`model_id` and `run_id` of the logged model whose `model` artifact is at
+    `model_artifact` (`<model>/artifacts/model`; its MLmodel file is two levels up); empty
+    when there is none (a model folder assembled by hand)."""
+    mlmodel = model_artifact.resolve().parent.parent / "MLmodel"
+    if not mlmodel.is_file():
+        return {}
+    from mlflow.models import Model
+
+    logged = Model.load(str(mlmodel))
+    found = {"model_id": logged.model_id, "run_id": logged.run_id}
+    return {key: str(value) for key, value in found.items() if value}

@@ -123,6 +123,8 @@ def test_a_loaded_version_answers_with_what_replays_it(tracking, tiny_checkpoint
         weights_sha256(tokenizer_dir),
     )
     assert 0 <= facts["seed"] < 2**63 and facts["params"]["seed"] == facts["seed"]
+    version = mlflow.MlflowClient().get_model_version(MODEL_NAME, "1")
+    assert version.source.endswith(facts["model_id"]) and facts["run_id"] == version.run_id  # which logged model
     assert facts["params"]["quantiles"] == [0.1, 0.9] and facts["params"]["sample_count"] == 3
     again = model.predict(history, params=facts["params"])
     pd.testing.assert_frame_equal(again, first)
