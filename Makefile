@@ -28,7 +28,7 @@ help:
 	@echo "make lint    - ruff check, ruff format --check, mypy (also run by make test)"
 	@echo "make loadtest - Locust, headless and bounded, against a running stack (make serve)"
 	@echo "make soak    - start a local stack, soak it below and above capacity, check"
-	@echo "make secrets - create the compose stack's missing registry password files under ./secrets/"
+	@echo "make secrets - create the compose stack's missing registry and live-store password files under ./secrets/"
 
 # torch first, from the CPU wheel on disk; then the project with torch pinned so that no
 # other torch build is ever pulled in.
@@ -147,7 +147,7 @@ clean:
 # The compose stack's registry secrets (docs/registry-auth.md): random values for the files
 # that do not exist yet; existing files are kept (rotate: edit one, rerun `auth-setup`).
 REGISTRY_SECRETS := mlflow_admin_password mlflow_flask_secret_key mlflow_serving_password \
-  mlflow_scientist_password mlflow_manager_password
+  mlflow_scientist_password mlflow_manager_password live_db_password
 secrets:
 	@mkdir -p -m 700 secrets
 	@for name in $(REGISTRY_SECRETS); do \

@@ -34,11 +34,14 @@ class LiveRequest:
 
 
 def store_uri(given: str | None) -> str:
-    """--store, else $KRONOS_LIVE_STORE_URI, else the `make serve` state folder's live.db."""
+    """--store, else $KRONOS_LIVE_STORE_URI (with $KRONOS_LIVE_STORE_PASSWORD_FILE's
+    password when set), else the `make serve` state folder's live.db."""
     if given:
         return given
     if os.environ.get(STORE_VARIABLE):
-        return os.environ[STORE_VARIABLE]
+        from serving.live.settings import LiveSettings
+
+        return LiveSettings().store_url()
     from serving.launch_settings import load_launch_settings
 
     return load_launch_settings().live_store_uri

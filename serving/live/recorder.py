@@ -122,7 +122,7 @@ class LiveRecorder:
         server's start)."""
         with self._store_lock:
             if self._store is None:
-                self._store = self._open_store(self.settings.store_uri)
+                self._store = self._open_store(self.settings.store_url())
             return self._store
 
     # -- recording -------------------------------------------------------------------------

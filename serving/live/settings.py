@@ -36,6 +36,9 @@ class LiveSettings(BaseSettings):
         default_factory=default_store_uri,
         description="SQLAlchemy URL of the live store: sqlite:///path (default) or postgresql+psycopg://...",
     )
+    store_password_file: Path | None = Field(
+        None, description="a file holding the store's password (a compose secret), joined to store_uri"
+    )
     sample_ratio: float = Field(
         1.0, ge=0, le=1, description="share of answered requests recorded (by request id hash); 0 = none"
     )
@@ -47,3 +50,13 @@ class LiveSettings(BaseSettings):
     queue_records: int = Field(
         100_000, ge=1, description="forecast candles waiting for the store writer; beyond: dropped and counted"
     )
+
+    def store_url(self) -> str:
+        """`store_uri` with the password from `store_password_file` when one is named (the
+        URL's own password otherwise). Never log the result."""
+        if self.store_password_file is None:
+            return self.store_uri
+        from sqlalchemy.engine import make_url
+
+        password = self.store_password_file.read_text().strip()
+        return make_url(self.store_uri).set(password=password).render_as_string(hide_password=False)

@@ -451,9 +451,25 @@ def test_every_mounted_config_exists() -> None:
         "./serving/monitoring/alerts.yml",
         "./serving/monitoring/grafana/provisioning",
         "./serving/monitoring/grafana/dashboards",
+        "./serving/live/postgres-init.sh",
         ".",
         "Dockerfile",
     } <= references
+
+
+def test_the_model_servers_write_the_live_store_with_their_own_credentials() -> None:
+    """The live store is the kronos_live role's own database, its password a secret file:
+    the model servers hold nothing of the MLflow backend store."""
+    services = _resolved(COMPOSE)["services"]
+    for name in ("kronos", "kronos-challenger"):
+        environment = services[name]["environment"]
+        assert environment["KRONOS_LIVE_STORE_URI"] == "postgresql+psycopg://kronos_live@postgres:5432/kronos_live"
+        assert environment["KRONOS_LIVE_STORE_PASSWORD_FILE"] == "/run/secrets/live_db_password"
+        assert "live_db_password" in [s if isinstance(s, str) else s["source"] for s in services[name]["secrets"]]
+        assert not any("change-me" in str(value) for value in environment.values()), name  # no POSTGRES_PASSWORD
+    postgres = services["postgres"]
+    assert "live_db_password" in [s if isinstance(s, str) else s["source"] for s in postgres["secrets"]]
+    assert _mounts(postgres)["/docker-entrypoint-initdb.d/20-kronos-live.sh"].endswith("serving/live/postgres-init.sh")
 
 
 def test_mount_checker_catches_a_missing_file(tmp_path: Path) -> None:

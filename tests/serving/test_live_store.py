@@ -477,3 +477,37 @@ def test_horizon_buckets() -> None:
     with pytest.raises(ValueError, match="step"):
         accuracy_table(matched_frame([{**HAND[0], "step": 0}]))
     assert BAND == (0.1, 0.9) and level_column(BAND[0]) == "q0.1" and len(QUANTILE_COLUMNS) == len(LIVE_LEVELS)
+
+
+@pytest.mark.integration
+def test_the_compose_init_script_gives_the_store_its_own_role_and_database(
+    postgres_cluster: Postgres, tmp_path: Path
+) -> None:
+    """serving/live/postgres-init.sh (the compose stack's first-start script) on a real
+    cluster, twice: role and database kronos_live exist, the store works there as that role,
+    and that role may not connect to the MLflow database."""
+    secret = tmp_path / "live_db_password"
+    secret.write_text("s3cret+/=quote'd\n")
+    env = {
+        **os.environ,
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_DB": "mlflow",
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(postgres_cluster.port),
+        "KRONOS_LIVE_DB_PASSWORD_FILE": str(secret),
+    }
+    for _ in range(2):  # idempotent: an operator may run it again on an existing volume
+        done = subprocess.run(
+            ["sh", str(REPO / "serving/live/postgres-init.sh")], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+    own = f"postgresql+psycopg://kronos_live@127.0.0.1:{postgres_cluster.port}/kronos_live"
+    with LiveStore.open(own) as live:
+        assert live.add_forecasts([record("r", "AAA", 1)]) == 1
+        assert live.counts()["forecasts"] == 1
+    engine = sa.create_engine(f"postgresql+psycopg://kronos_live@127.0.0.1:{postgres_cluster.port}/mlflow")
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="permission denied for database"):
+            engine.connect()
+    finally:
+        engine.dispose()
