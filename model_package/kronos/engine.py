@@ -10,8 +10,8 @@ layout against `budget_bytes`).
 Life of a series (all its paths move together):
 
     add()   tokenize the whole history; prefill its last Lk = min(L, W) tokens alone (the
-            module path, as upstream); its rows join a lane, whose prefix slot keeps those
-            keys/values once for all the series' paths.
+            module path, as upstream; int8: the int8 layers); its rows join a lane, whose
+            prefix slot keeps those keys/values once for all the series' paths.
     step()  1. every row of the pool samples s1 then s2 (one pass through the heads);
             2. hooks may abandon series; finished and abandoned rows leave (slots free at
                once); in exact mode ("fast") a row whose window would slide past W leaves
@@ -62,6 +62,7 @@ from .cost import (
     window_bytes,
 )
 from .decoding import PackedKronos, packed_weights
+from .host_memory import reuse_freed_memory
 from .layers import KVCache
 from .model import Kronos
 from .sampling import draw_table, path_keys, sample_tokens
@@ -468,11 +469,20 @@ class Window:
 @dataclass
 class _Group:
     """Rows that sample together this step: row ids [n], h_last [n, d] and where their
-    s2-head keys are (a lane, or windows recomputed last step)."""
+    s2-head keys are (a lane, with the columns each row sees, or windows recomputed last
+    step, which every row sees whole)."""
 
     row_ids: torch.Tensor
     h_last: torch.Tensor
     keys: Lane | Window
+    view: KeyView | None = None  # a lane's visible columns
+
+    def attend_s2(self, q: torch.Tensor) -> torch.Tensor:
+        """The s2 head's cross-attention: q [n, 4, 1, hd] -> [n, 4, 1, hd]."""
+        if isinstance(self.keys, Window):
+            return self.keys.attend(q)
+        assert self.view is not None
+        return self.keys.attend(len(self.keys.heads) - 1, q, self.view)
 
 
 @dataclass
@@ -493,6 +503,8 @@ class Engine:
         self.W = self.max_context
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # large per-step tensors reuse their pages (host_memory)
         c = self.model.config
         dep = self.model.dep_layer.cross_attn
         self.heads = [(c.n_heads, c.d_model // c.n_heads)] * c.n_layers + [(dep.n_heads, dep.head_dim)]
@@ -599,15 +611,13 @@ class Engine:
         return SeriesState(s, row_ids, rows, L, Lk, s1[0], s2[0])
 
     def _prefill(self, state: SeriesState) -> None:
-        """The series' kept history through the trunk alone (module path, exact); its rows
-        join their lane."""
-        W, Lk, model = self.W, state.kept, self.model
+        """The series' kept history through the trunk alone (`_causal_pass`); its rows join
+        their lane."""
+        W, Lk = self.W, state.kept
         first = state.rows[:1]
         cols = slice(W - Lk, W)
-        x = model.embed(self.table.tok1[first, cols], self.table.tok2[first, cols], self.table.stamps[first, cols])
         caches = [KVCache(1, H, Lk, hd, self.dtype, self.device) for H, hd in self.heads[:-1]]
-        h = model.trunk(x, torch.arange(Lk, device=self.device), caches=caches)  # [1, Lk, d]
-        dep_k, dep_v = model.dependency_keys_values(h)  # [1, 4, Lk, hd]
+        h, dep_k, dep_v = self._causal_pass(first, cols, caches)  # [1, Lk, d], [1, 4, Lk, hd]
         prefix = [(c.k[0], c.v[0]) for c in caches] + [(dep_k[0], dep_v[0])]
         key = self._lane_key(state.input)
         lane = self.lanes.get(key)
@@ -615,6 +625,33 @@ class Engine:
             lane = self.lanes[key] = self._new_lane(key)
         lane.join(state, prefix, h[0, -1])
         self.stats.full_window_passes += 1
+
+    def _causal_pass(
+        self, rows: torch.Tensor, cols: torch.Tensor | slice, caches: list[KVCache] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A causal pass over the row table's tokens [rows, cols] (rows [n] or [n, 1], cols a
+        slice or [n, T]) from rotary position 0 -> hidden h [n, T, d] and s2-head keys/values
+        [n, 4, T, hd]; `caches` (one per trunk layer) receive the trunk's keys/values.
+
+        float32 and half precisions take the model's module path (upstream's arithmetic, so
+        the float32 parity holds); int8 takes the packed int8 layers, whose products are
+        the bulk of a long pass (a prefill or an exact window recompute)."""
+        t, model, packed = self.table, self.model, self.packed
+        tok1, tok2, stamps = t.tok1[rows, cols], t.tok2[rows, cols], t.stamps[rows, cols]  # [n, T], [n, T, 5]
+        T = tok1.shape[-1]
+        positions = torch.arange(T, device=self.device)
+        if packed.precision != "int8":
+            h = model.trunk(model.embed(tok1, tok2, stamps), positions, caches=caches)
+            return h, *model.dependency_keys_values(h)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if caches is not None:
+                caches[layer].append(k, v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        x = packed.embed(model, tok1, tok2, stamps)  # [n, T, d]
+        h = packed.trunk(x, positions.expand(x.shape[0], T), model.rotary, attend)
+        return h, *packed.dependency_keys_values(h)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -632,8 +669,14 @@ class Engine:
         return self._finish()
 
     def _groups(self) -> list[_Group]:
+        t, W = self.table, self.W
         groups = [
-            _Group(lane.live_ids, lane.h_last if lane.full else lane.h_last[lane.live], lane)
+            _Group(
+                lane.live_ids,
+                lane.h_last if lane.full else lane.h_last[lane.live],
+                lane,
+                lane.visible(t, W, self.rolling),
+            )
             for lane in self.lanes.values()
             if len(lane.live)
         ]
@@ -644,26 +687,21 @@ class Engine:
         the row table at its next column."""
         t, packed, model = self.table, self.packed, self.model
         groups = self._groups()
-        visible = {id(g.keys): g.keys.visible(t, self.W, self.rolling) for g in groups if isinstance(g.keys, Lane)}
         ids = torch.cat([g.row_ids for g in groups])  # [n]
         h = torch.cat([g.h_last for g in groups])  # [n, d]
         sizes = [len(g.row_ids) for g in groups]
-        dep = len(self.heads) - 1
 
         def attend(q: torch.Tensor) -> torch.Tensor:  # q [n, 4, 1, hd]
-            parts = []
-            for g, qi in zip(groups, q.split(sizes), strict=True):
-                keys = g.keys
-                parts.append(keys.attend(dep, qi, visible[id(keys)]) if isinstance(keys, Lane) else keys.attend(qi))
-            return torch.cat(parts)
+            return torch.cat([g.attend_s2(qi) for g, qi in zip(groups, q.split(sizes), strict=True)])
 
         generated = t.generated[ids]  # [n]
         settings = (t.temperature[ids], t.top_k[ids], t.top_p[ids])
         draws = t.draws[ids, generated]  # [n, 2]
         max_top_k = max(s.input.top_k for s in running)  # host-side filter summary: no device sync
         any_top_p = any(s.input.top_k == 0 and s.input.top_p < 1.0 for s in running)
-        s1 = sample_tokens(packed.s1_logits(h), *settings, draws[:, 0], max_top_k, any_top_p)
-        s2 = sample_tokens(packed.s2_logits(model, h, s1, attend), *settings, draws[:, 1], max_top_k, any_top_p)
+        filters = (max_top_k, any_top_p, all(s.input.top_k == 1 for s in running))
+        s1 = sample_tokens(packed.s1_logits(h), *settings, draws[:, 0], *filters)
+        s2 = sample_tokens(packed.s2_logits(model, h, s1, attend), *settings, draws[:, 1], *filters)
         t.tok1[ids, self.W + generated] = s1
         t.tok2[ids, self.W + generated] = s2
         t.generated[ids] = generated + 1
@@ -754,16 +792,12 @@ class Engine:
         return end[:, None] - width + torch.arange(width, device=self.device)
 
     def _full_windows(self, ids: torch.Tensor) -> Window:
-        t, W, model = self.table, self.W, self.model
-        cols = self._window_columns(ids, W)  # [n, W]
-        rows = ids[:, None]
-        x = model.embed(t.tok1[rows, cols], t.tok2[rows, cols], t.stamps[rows, cols])  # [n, W, d]
-        h = model.trunk(x, torch.arange(W, device=self.device))  # [n, W, d]
-        dep_k, dep_v = model.dependency_keys_values(h)  # [n, 4, W, hd]
+        cols = self._window_columns(ids, self.W)  # [n, W]
+        h, dep_k, dep_v = self._causal_pass(ids[:, None], cols)  # [n, W, d], [n, 4, W, hd]
         return Window(ids, h[:, -1], dep_k, dep_v)
 
     def _shared_history_window(self, state: SeriesState) -> Window:
-        """Window of a multi-path series: Lh history tokens (shared, module path) then
+        """Window of a multi-path series: Lh history tokens (shared, `_causal_pass`) then
         Tg = W - Lh generated tokens per path (packed path over the shared keys)."""
         t, W, model, packed = self.table, self.W, self.model, self.packed
         Tg = min(state.generated, W)
@@ -771,13 +805,11 @@ class Engine:
         ids = state.rows  # [S]
         S = len(ids)
         if Lh:
-            first = ids[:1]
             hist = slice(W + state.generated - W, W)
-            x = model.embed(t.tok1[first, hist], t.tok2[first, hist], t.stamps[first, hist])  # [1, Lh, d]
             caches = [KVCache(1, H, Lh, hd, self.dtype, self.device) for H, hd in self.heads[:-1]]
-            h_hist = model.trunk(x, torch.arange(Lh, device=self.device), caches=caches)  # [1, Lh, d]
+            _, dep_k, dep_v = self._causal_pass(ids[:1], hist, caches)  # [1, 4, Lh, hd] each
+            dep_prefix = (dep_k, dep_v)
             prefix = [(c.k, c.v) for c in caches]
-            dep_prefix = model.dependency_keys_values(h_hist)  # [1, 4, Lh, hd] each
         else:
             prefix = [
                 (torch.zeros(1, H, 0, hd, dtype=self.dtype, device=self.device),) * 2 for H, hd in self.heads[:-1]

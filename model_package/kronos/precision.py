@@ -6,10 +6,11 @@
   bfloat16 position above 256 is not even an integer) and cast afterwards; RMSNorm
   statistics stay float32 (`layers.rms_norm`); logits are handed to sampling as float32.
   The tokenizer always stays float32. `float16` is CUDA only.
-- `int8` (CPU only): the incremental decode step's packed linear layers (`decoding.Dense`)
-  are replaced by `Int8Dense`: int8 weights with one scale per output channel, activations
-  quantized per call (fbgemm's dynamic quantized linear, int32 accumulation). Embeddings,
-  norms, attention and the full-window passes stay float32.
+- `int8` (CPU only): the packed linear layers (`decoding.Dense`) are replaced by
+  `Int8Dense`: int8 weights with one scale per output channel, each activation row
+  quantized on its own scale (int32 accumulation, fbgemm). The engine runs its decode steps,
+  prefills and exact window recomputes through them (`engine.Engine._causal_pass`).
+  Embeddings, norms, attention, KV caches and the `reference` mode stay float32.
 
 The chosen precision is recorded on the model (`set_precision`) and `decoding.packed_weights`
 reads it (`model_precision`), rebuilding its packed copy whenever it changes.
@@ -161,17 +162,28 @@ def set_precision(model: Kronos, precision: str, name: str = "dtype") -> Kronos:
     return model
 
 
-# -- int8 linear layers of the decode step ----------------------------------------------------
+# -- int8 linear layers ---------------------------------------------------------------------------
+
+_TINY = torch.finfo(torch.float32).tiny  # the divisor of an all-zero row
+# x [n, in] float32 quantized with the given (scale, zero point), times the packed int8
+# weights -> [n, out] float32.
+_static_int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
 
 
 class Int8Dense:
-    """A (fused) linear layer with int8 weights, for the CPU decode step.
+    """A (fused) linear layer with int8 weights, for the CPU engine.
 
     Weights: symmetric int8, one float32 scale per output channel (max |w| of the row / 127).
-    Activations: quantized to 8 bits per call (one scale over all rows of the call, from their
-    min and max), products accumulated in int32 and rescaled to float32, bias added in float32
-    (fbgemm's dynamic quantized linear). On CPUs without VNNI the activations use 7 bits
-    (`reduce_range`), which avoids the int16 saturation of the older dot-product instructions.
+    Activations: each row is divided by its own largest |value|, quantized with fixed
+    parameters (levels L = 127 around the zero point 128, so [-1, 1] maps to [1, 255]),
+    multiplied by the int8 weights with int32 accumulation, rescaled to float32 (fbgemm's
+    `linear_with_input_q_dq_qweight_dq_output_fp32`), and multiplied back by its largest
+    |value| before the float32 bias is added. Every row is thus quantized on its own scale
+    and nothing of a call depends on the other rows in it: a series' tokens are the same alone
+    or batched with others, as in float32 (a dynamically quantized call, one scale from the
+    min and max of all its rows, let one row's outliers move another row's tokens). On CPUs
+    without VNNI the activations use 7 bits (L = 63 around 64), which avoids the int16
+    saturation of the older dot-product instructions.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -189,12 +201,12 @@ class Int8Dense:
         with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensors as deprecated
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(
-                qweight, bias.detach().float().cpu() if bias is not None else None
-            )
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = bias.detach().float().cpu() if bias is not None else None  # [out]
         self.out_features = out_features
         self.in_features = weight.shape[1]
-        self.reduce_range = not cpu_has_vnni()
+        levels = 127 if cpu_has_vnni() else 63
+        self.input_scale, self.input_zero_point = 1.0 / levels, levels + 1
 
     @classmethod
     def of(cls, *linears: torch.nn.Linear) -> Int8Dense:
@@ -205,6 +217,8 @@ class Int8Dense:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] float32 -> [..., out] float32."""
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        out = torch.ops.quantized.linear_dynamic(flat, self.packed, self.reduce_range)
+        flat = x.reshape(-1, x.shape[-1]).float()  # [n, in]
+        peak = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_min_(_TINY)  # [n, 1]
+        out = _static_int8_linear((flat / peak).contiguous(), self.input_scale, self.input_zero_point, self.packed)
+        out = out.mul_(peak) if self.bias is None else torch.addcmul(self.bias, out, peak)  # [n, out]
         return out.reshape(*x.shape[:-1], self.out_features)

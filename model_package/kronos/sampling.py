@@ -94,13 +94,21 @@ def sample_tokens(
     u: np.ndarray | torch.Tensor,
     max_top_k: int | None = None,
     any_top_p: bool | None = None,
+    all_top1: bool = False,
 ) -> torch.Tensor:
     """Draw one token per row: logits [N, V], settings [N], u [N] in [0, 1) -> ids [N] int64.
 
     Inverse-CDF sampling of softmax(filtered logits / temperature); a filtered-out token has
-    probability exactly 0 and can never be drawn.
+    probability exactly 0 and can never be drawn. `all_top1` (every row has top_k = 1, known
+    on the host) allows the greedy shortcut on CPU: where each row's largest scaled logit is
+    unique, it is the only kept token, drawn with probability 1, so the draw is its index.
+    (On a GPU the uniqueness check would cost a device synchronisation per draw.)
     """
     scaled = logits.float() / temperature[:, None]
+    if all_top1 and scaled.device.type == "cpu":
+        best, ids = scaled.max(dim=-1)  # [N] each
+        if bool(((scaled == best[:, None]).sum(-1) == 1).all()):  # ties (or NaN): the full draw
+            return ids
     probs = F.softmax(filter_logits(scaled, top_k, top_p, max_top_k, any_top_p), dim=-1)  # [N, V]
     cdf = probs.double().cumsum(-1)  # [N, V]
     u = torch.from_numpy(u) if isinstance(u, np.ndarray) else u

@@ -14,7 +14,7 @@ from mlflow.pyfunc.model import PythonModelContext
 from model_package import KronosForecaster
 from model_package.forecaster import SamplingParams
 from model_package.frames import CANDLE_COLUMNS
-from model_package.kronos import generate, load_model
+from model_package.kronos import Engine, generate, load_model
 from model_package.kronos.decoding import Dense, PackedKronos, packed_weights
 from model_package.kronos.layers import RotaryEmbedding
 from model_package.kronos.precision import (
@@ -148,9 +148,55 @@ def test_int8_forecaster_runs_close_to_float32(tiny_checkpoints, candles):
     assert float(np.median(np.concatenate(rel))) < 0.05
 
 
-def test_int8_leaves_the_full_window_passes_in_float32(tiny_checkpoints, candles):
-    """int8 only changes the incremental steps: the reference mode (full-window passes only)
-    gives exactly float32's result."""
+def test_int8_prefill_and_window_recomputes_run_the_int8_layers(tiny_checkpoints, candles):
+    """The engine's long passes (a series' prefill, an exact window recompute) go through the
+    int8 layers too: close to float32's, not equal to it, and float32 stays bit-identical."""
+    f32 = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=CONTEXT, device="cpu")
+    int8 = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=CONTEXT, device="cpu", dtype="int8")
+    series = f32.prepare(candles(45, seed=4), SamplingParams(pred_len=6, top_k=1, seed=0)).inputs
+    hidden, tokens = {}, {}
+    for name, forecaster in (("float32", f32), ("int8", int8)):
+        engine = Engine(forecaster.tokenizer, forecaster.model, CONTEXT)
+        engine.add(series)
+        (lane,) = engine.lanes.values()
+        prefill = lane.h_last[lane.live].clone()  # [1, d] after the prefill of the last 40 candles
+        engine.step()  # 45 + 1 > 40: the step recomputes the window, ending at the new token
+        (window,) = engine.windows
+        hidden[name] = (prefill, window.h_last.clone())
+        tokens[name] = (engine.table.tok1[window.row_ids, CONTEXT], engine.table.tok2[window.row_ids, CONTEXT])
+    # The same first token: both windows hold the same tokens.
+    assert all(torch.equal(f, q) for f, q in zip(tokens["float32"], tokens["int8"], strict=True))
+    for f, q in zip(hidden["float32"], hidden["int8"], strict=True):
+        assert not torch.equal(f, q)
+        assert float((f - q).norm() / f.norm()) < 0.1
+    outputs, _ = generate(f32.tokenizer, f32.model, series, CONTEXT)
+    again, _ = generate(f32.tokenizer, f32.model, series, CONTEXT)
+    assert outputs[0] is not None and again[0] is not None
+    assert torch.equal(outputs[0].window_s1, again[0].window_s1)
+
+
+def test_int8_gives_a_series_the_same_tokens_alone_or_batched(tiny_checkpoints, candles):
+    """Each int8 activation row is quantized on its own scale: series of different lengths,
+    paths and settings generate together exactly what each generates alone (prefill,
+    steps and exact window recomputes included)."""
+    int8 = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=CONTEXT, device="cpu", dtype="int8")
+    specs = [(20, 1, 1), (38, 3, 0), (45, 1, 1), (60, 2, 0)]  # history, paths, top_k (0: sampled)
+    series = [
+        int8.prepare(
+            candles(length, seed=i), SamplingParams(pred_len=8, sample_count=paths, top_k=top_k, seed=i)
+        ).inputs[0]
+        for i, (length, paths, top_k) in enumerate(specs)
+    ]
+    together, _ = generate(int8.tokenizer, int8.model, series, CONTEXT)
+    for s, batched in zip(series, together, strict=True):
+        (alone,), _ = generate(int8.tokenizer, int8.model, [s], CONTEXT)
+        assert alone is not None and batched is not None
+        assert torch.equal(alone.window_s1, batched.window_s1) and torch.equal(alone.window_s2, batched.window_s2)
+
+
+def test_int8_leaves_the_reference_mode_in_float32(tiny_checkpoints, candles):
+    """The reference mode (upstream's loop of full-window passes, no packed layers) gives
+    exactly float32's result under int8."""
     history = candles(25, seed=6)
     f32 = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=CONTEXT, device="cpu", mode="reference")
     int8 = KronosForecaster.from_pretrained(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from model_package.kronos.sampling import draw_table, filter_logits, path_keys, sample_tokens, uniforms
@@ -41,6 +42,25 @@ def test_greedy_is_argmax_whatever_the_draw():
     for u in (0.0, 0.5, 0.999999):
         ids = sample_tokens(logits, torch.ones(64), torch.ones(64, dtype=torch.long), torch.ones(64), np.full(64, u))
         assert torch.equal(ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_greedy_shortcut_draws_what_the_full_draw_does(ties):
+    """all_top1 (every row top_k = 1) takes the argmax when each row's maximum is unique and
+    the full inverse-CDF draw otherwise: the same token for every draw either way."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, 50, generator=g)
+    if ties:  # rows 0-7 keep two equal maxima: the draw picks between them
+        logits[:8, 10] = logits[:8, 20] = logits[:8].max(-1).values + 1.0
+    temperature = torch.rand(32, generator=g) + 0.5
+    settings = (temperature, torch.ones(32, dtype=torch.long), torch.ones(32))
+    for stream in range(4):
+        u = uniforms(path_keys(9, 32), stream, 0)
+        full = sample_tokens(logits, *settings, u, 1, False)
+        assert torch.equal(sample_tokens(logits, *settings, u, 1, False, all_top1=True), full)
+    if ties:
+        draws = [sample_tokens(logits, *settings, uniforms(path_keys(9, 32), i, 0), all_top1=True) for i in range(40)]
+        assert set(torch.stack(draws)[:, :8].unique().tolist()) == {10, 20}
 
 
 def test_draw_frequencies_follow_softmax_with_temperature():
