@@ -165,9 +165,6 @@ def set_precision(model: Kronos, precision: str, name: str = "dtype") -> Kronos:
 # -- int8 linear layers ---------------------------------------------------------------------------
 
 _TINY = torch.finfo(torch.float32).tiny  # the divisor of an all-zero row
-# x [n, in] float32 quantized with the given (scale, zero point), times the packed int8
-# weights -> [n, out] float32.
-_static_int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
 
 
 class Int8Dense:
@@ -202,6 +199,9 @@ class Int8Dense:
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        # x [n, in] float32 quantized with a given (scale, zero point), times the packed int8
+        # weights -> [n, out] float32 (looked up here: builds without fbgemm lack it).
+        self.linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
         self.bias = bias.detach().float().cpu() if bias is not None else None  # [out]
         self.out_features = out_features
         self.in_features = weight.shape[1]
@@ -219,6 +219,6 @@ class Int8Dense:
         """x [..., in] float32 -> [..., out] float32."""
         flat = x.reshape(-1, x.shape[-1]).float()  # [n, in]
         peak = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_min_(_TINY)  # [n, 1]
-        out = _static_int8_linear((flat / peak).contiguous(), self.input_scale, self.input_zero_point, self.packed)
+        out = self.linear((flat / peak).contiguous(), self.input_scale, self.input_zero_point, self.packed)
         out = out.mul_(peak) if self.bias is None else torch.addcmul(self.bias, out, peak)  # [n, out]
         return out.reshape(*x.shape[:-1], self.out_features)
