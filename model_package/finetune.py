@@ -268,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"finetune: wrote {args.out}/tokenizer and {args.out}/model ({result.split.describe()})")
     if torch.distributed.is_initialized():
+        # Leave together: a rank that tore its gloo group down while rank 0 was still writing
+        # the checkpoints aborted ("terminate called without an active exception").
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

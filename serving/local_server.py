@@ -58,9 +58,18 @@ MLSERVER_START_TIMEOUT_S = 300.0
 
 def free_port(host: str = LOCALHOST) -> int:
     """A TCP port on `host` that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOCALHOST) -> list[int]:
+    """`count` different TCP ports on `host` that nobody listens on right now (all sockets
+    are held until every port is picked: separate `free_port` calls may return one port
+    twice, since a closed socket's port can be handed out again at once)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def stop_process_group(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
@@ -266,7 +275,7 @@ class LocalServer(LocalProcess):
         "mlserver exited with N" when the server exits first, "mlserver not ready after N s"
         when the wait runs out (it is then stopped).
         """
-        http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        http_port, grpc_port, metrics_port = free_ports(3)
         render_server_dir(workdir, http_port, grpc_port, metrics_port, model_settings)
         ready_url = f"http://{LOCALHOST}:{http_port}/v2/models/{MODEL_NAME}/ready"
         log = workdir / "mlserver.log"
@@ -536,12 +545,13 @@ def local_gateway_settings(champion: LocalServer, shadow: LocalServer | None = N
     current user's workers); `overrides` replace any field (e.g. allow_cidrs, admin_cidrs)."""
     from serving.gateway.render import GatewaySettings
 
+    http_port, grpc_port, status_port, relay_port = free_ports(4)
     fields: dict[str, Any] = {
         "listen_host": LOCALHOST,
-        "http_port": free_port(),
-        "grpc_port": free_port(),
-        "status_port": free_port(),
-        "shadow_relay_port": free_port(),
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "status_port": status_port,
+        "shadow_relay_port": relay_port,
         "upstream_http": [f"{LOCALHOST}:{champion.http_port}"],
         "upstream_grpc": [f"{LOCALHOST}:{champion.grpc_port}"],
         "shadow_http": [f"{LOCALHOST}:{shadow.http_port}"] if shadow is not None else [],

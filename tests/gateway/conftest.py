@@ -27,7 +27,7 @@ from mlserver.grpc import model_repository_pb2_grpc as repo_grpc
 
 from serving.gateway.process import GatewayProcess
 from serving.gateway.render import GatewaySettings
-from serving.local_server import free_port
+from serving.local_server import free_port, free_ports
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +65,12 @@ def make_gateway(
     started: list[GatewayProcess] = []
 
     def make(**overrides: Any) -> GatewayProcess:
+        http_port, grpc_port, status_port = free_ports(3)
         values: dict[str, Any] = {
-            "listen_host": "0.0.0.0",
-            "http_port": free_port(),
-            "grpc_port": free_port(),
-            "status_port": free_port(),
+            "listen_host": "127.0.0.1",  # connections from CLIENT, OUTSIDER and ADMIN reach it too
+            "http_port": http_port,
+            "grpc_port": grpc_port,
+            "status_port": status_port,
             "upstream_http": [f"127.0.0.1:{upstream.port}"],
             "upstream_grpc": [f"127.0.0.1:{grpc_upstream.port}"],
             "allow_cidrs": [f"{CLIENT}/32", f"{ADMIN}/32"],

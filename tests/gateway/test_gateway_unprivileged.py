@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from serving.gateway.process import wait_for_port
-from serving.local_server import free_port
+from serving.local_server import free_port, free_ports
 
 pytestmark = pytest.mark.integration  # real nginx and exporter processes
 
@@ -80,7 +80,7 @@ def test_render_script_and_nginx_run_without_root(tmp_path: Path) -> None:
         _let_others_traverse(path)
     if os.geteuid() == 0:
         os.chown(prefix, 65534, 65534)
-    http_port, grpc_port, status_port = free_port(), free_port(), free_port()
+    http_port, grpc_port, status_port = free_ports(3)
     env = {
         **os.environ,
         "KRONOS_GATEWAY_LISTEN_HOST": "127.0.0.1",

@@ -19,7 +19,7 @@ from serving_helpers import TINY_MAX_CONTEXT, start_server
 
 from serving.gateway.process import GatewayProcess
 from serving.gateway.render import GatewaySettings
-from serving.local_server import LocalRegistry, free_port
+from serving.local_server import LocalRegistry, free_ports
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,12 @@ def stack(registry_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         model_settings={"max_batch_size": 32, "max_batch_time": 0.02},
     )
     try:
+        http_port, grpc_port, status_port = free_ports(3)
         settings = GatewaySettings(
             listen_host="127.0.0.1",
-            http_port=free_port(),
-            grpc_port=free_port(),
-            status_port=free_port(),
+            http_port=http_port,
+            grpc_port=grpc_port,
+            status_port=status_port,
             upstream_http=[f"127.0.0.1:{server.http_port}"],
             upstream_grpc=[f"127.0.0.1:{server.grpc_port}"],
             allow_cidrs=[f"{CLIENT}/32", f"{ADMIN}/32"],

@@ -33,6 +33,7 @@ from serving.local_server import (
     MLSERVER_START_TIMEOUT_S,
     MODEL_NAME,
     free_port,
+    free_ports,
     http_get,
     http_ok,
     mlserver_env,
@@ -260,7 +261,7 @@ def launched(serving_registry, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("launcher")
     cwd = root / "elsewhere"
     cwd.mkdir()
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     # what a killed earlier run on this port left behind (a dead process's counter file)
     stale = root / "state" / "mlserver" / str(http_port) / "metrics" / "counter_12345.db"
     stale.parent.mkdir(parents=True)

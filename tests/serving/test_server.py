@@ -257,16 +257,21 @@ def wait_metric(server, name: str, at_least: float, timeout_s: float = 120, **la
         time.sleep(0.1)
 
 
-BLOCKER = {"pred_len": 100, "sample_count": 4, "seed": 1}  # 24 series: minutes if left to run
+BLOCKER = {"pred_len": 100, "sample_count": 4, "seed": 1}
+# Histories longer than the window (128) slide from the first step, so every step recomputes
+# each series' window: 24 such series with BLOCKER take ~3x as long as fitting ones (6-7 s in
+# one process on a fast 2-core machine, longer in the server), while costing about the same
+# memory. The deadline and overload tests below need the request still running while they act.
+SLIDING = 130
 
 
 def test_overload_gives_503_at_once_and_clients_that_leave_free_the_worker(server, serving_registry):
-    """A request that would run for minutes, two queued behind it (no room in the running
+    """A request that runs for a while (SLIDING), two queued behind it (no room in the running
     batch), a third refused with 503 + Retry-After because the queue's budget is taken;
     then all three clients go away: their series leave generation and the queue, and the
     next request is served at once."""
     forecaster = serving_registry.forecaster("1")
-    blocker = history([f"b{i}" for i in range(24)], seed=7)
+    blocker = history([f"b{i}" for i in range(24)], seed=7, length=SLIDING)
     filler = [history([f"f{j}_{i}" for i in range(16)], seed=20 + j) for j in range(3)]
     filler_cost = request_cost(forecaster, [40 + i for i in range(16)], 100, 4).memory_bytes
     queue_budget = QUEUE_BUDGET_MB * 2**20
@@ -312,7 +317,8 @@ def test_a_deadline_abandons_the_series(server):
     drops its series at the next step, well before its horizon."""
     before = metric_value(server.metrics(), "kronos_abandoned_series_total", reason="deadline")
     with httpx.Client(timeout=300) as client:
-        reply = server.infer(client, history([f"d{i}" for i in range(24)], seed=8), {**BLOCKER, "timeout_s": 2})
+        frame = history([f"d{i}" for i in range(24)], seed=8, length=SLIDING)
+        reply = server.infer(client, frame, {**BLOCKER, "timeout_s": 2})
         assert reply.status_code == 504, reply.text
         assert "deadline" in reply.json()["error"]
         wait_metric(server, "kronos_abandoned_series_total", before + 24, reason="deadline")
@@ -323,7 +329,7 @@ def test_a_deadline_abandons_the_series(server):
 def test_a_grpc_call_that_ends_early_leaves_generation(server, how):
     """A cancelled gRPC call, or one whose client-side deadline passed, stops its work."""
     before = metric_value(server.metrics(), "kronos_abandoned_series_total", reason="cancelled")
-    request = grpc_request(history([f"g{i}" for i in range(24)], seed=9), BLOCKER)
+    request = grpc_request(history([f"g{i}" for i in range(24)], seed=9, length=SLIDING), BLOCKER)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel, httpx.Client(timeout=60) as client:
         stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
         if how == "cancel":
@@ -332,7 +338,7 @@ def test_a_grpc_call_that_ends_early_leaves_generation(server, how):
             call.cancel()
         else:
             with pytest.raises(grpc.RpcError) as caught:
-                stub.ModelInfer(request, timeout=3)
+                stub.ModelInfer(request, timeout=2)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_metric(server, "kronos_abandoned_series_total", before + 24, reason="cancelled")
         wait_live(client, server, lambda s: not s["running"], timeout_s=180)
