@@ -68,7 +68,7 @@ def check_precision(precision: object, device: torch.device | str, name: str = "
     `name` (the argument or environment variable it came from) and the rule.
 
     Rules: float16 needs CUDA (CPUs have no fast float16 products); int8 is CPU only (fbgemm
-    dynamic quantization); bfloat16 on CUDA needs a GPU that supports it.
+    int8 kernels); bfloat16 on CUDA needs a GPU that supports it.
     """
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -81,7 +81,7 @@ def check_precision(precision: object, device: torch.device | str, name: str = "
     if precision == "int8":
         if device.type != "cpu":
             raise ValueError(
-                f"{name}=int8 runs on cpu only (fbgemm dynamic quantization); on {device.type} use bfloat16 or float16"
+                f"{name}=int8 runs on cpu only (fbgemm int8 kernels); on {device.type} use bfloat16 or float16"
             )
         if _int8_engine() is None:
             raise ValueError(f"{name}=int8 needs torch's fbgemm/x86 quantized engine, which this torch build lacks")

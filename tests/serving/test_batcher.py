@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -98,7 +100,7 @@ def test_requests_join_a_running_batch_and_are_answered_first(forecaster):
     step (one-path and multi-path alike), share the steps and are answered as soon as they
     are done."""
     cases = {
-        "long": (history(["L"], seed=2, length=40), SamplingParams(pred_len=40, top_k=1)),
+        "long": (history(["L"], seed=2, length=40), SamplingParams(pred_len=60, top_k=1)),  # still running at the joins
         "merged": (history(["A", "L"], seed=3), SamplingParams(pred_len=3, top_k=1)),
         "paths": (history(["L"], seed=4), SamplingParams(pred_len=5, temperature=0.8, sample_count=3, seed=1)),
     }
@@ -195,9 +197,18 @@ def test_queue_budget_refuses_at_once(forecaster):
     asyncio.run(main())
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 120.0) -> None:
+    """Poll `condition` on the event loop until it holds (AssertionError after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
 def test_running_budget_keeps_requests_queued_until_room(forecaster):
-    """While a request runs, another joins only when the running budget has room for it."""
-    slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=30, top_k=1))
+    """While a request runs, another joins only when the running budget has room for it:
+    it stays queued over step boundaries (counted, not timed) until the first is done."""
+    slow = forecaster.prepare(history(["x"], 3, length=60), SamplingParams(pred_len=60, top_k=1))
     quick = forecaster.prepare(history(["y"], 4), SamplingParams(pred_len=2, top_k=1))
     budget = prepared_cost(forecaster, slow).memory_bytes  # no room for a second request
     recorder = Recorder()
@@ -206,11 +217,12 @@ def test_running_budget_keeps_requests_queued_until_room(forecaster):
         batcher = SeriesBatcher(BatcherConfig(max_batch_time_s=0.01, running_budget_bytes=budget), recorder)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(forecaster, slow, 60))
-        while recorder.steps < 2:
-            await asyncio.sleep(0.001)
+        await _until(lambda: recorder.steps >= 2)
         second = asyncio.ensure_future(batcher.submit(forecaster, quick, 60))
-        await asyncio.sleep(0.05)
-        assert batcher.queued_series == 1  # waits for room, not joined
+        await _until(lambda: batcher.queued_series == 1)
+        queued_at = recorder.steps
+        await _until(lambda: recorder.steps >= queued_at + 3)  # three boundaries at which it could join
+        assert batcher.queued_series == 1  # waits for room, not joined (the first has ~50 steps left)
         await asyncio.gather(first, second)
         await batcher.drain_and_stop(10)
 
