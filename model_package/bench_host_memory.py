@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from .kronos.host_memory import without_operator_choice
+
 # One child: argv = cases, steps, threads, "default" | "reuse".
 _CHILD = """
 import json, resource, sys, time, torch
@@ -53,10 +55,9 @@ print(json.dumps(results))
 
 def run_child(cases: list[str], steps: int, threads: int, setting: str) -> dict:
     """The child's results by case."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, ",".join(cases), str(steps), str(threads), setting],
-        env=env,
+        env=without_operator_choice(dict(os.environ)),
         capture_output=True,
         text=True,
         check=True,

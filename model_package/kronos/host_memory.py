@@ -42,6 +42,12 @@ def operator_chose(environ: dict[str, str] | None = None) -> bool:
     return any(name in env for name in OPERATOR_VARIABLES) or any(t in tunables for t in OPERATOR_TUNABLES)
 
 
+def without_operator_choice(environ: dict[str, str]) -> dict[str, str]:
+    """A copy of `environ` without the variables `operator_chose` reads (for a child process
+    that should get the engine's thresholds)."""
+    return {k: v for k, v in environ.items() if k not in (*OPERATOR_VARIABLES, "GLIBC_TUNABLES")}
+
+
 @cache
 def reuse_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process (once); True when they were set."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model_package.kronos.host_memory import operator_chose
+from model_package.kronos.host_memory import operator_chose, without_operator_choice
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ print(json.dumps({"faults": faults, "set": reuse_freed_memory()}))
 
 
 def _probe(**env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    environ = without_operator_choice(dict(os.environ))
     done = subprocess.run(
         [sys.executable, "-c", _PROBE],
         cwd=ROOT,

@@ -32,7 +32,6 @@ from serving.local_server import (
     LOCALHOST,
     MLSERVER_START_TIMEOUT_S,
     MODEL_NAME,
-    free_port,
     free_ports,
     http_get,
     http_ok,
@@ -129,8 +128,8 @@ def test_a_port_in_use_is_named(clean_launch_env: pytest.MonkeyPatch) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         clean_launch_env.setenv("KRONOS_SERVER_GRPC_PORT", str(port))
-        for name in ("KRONOS_SERVER_HTTP_PORT", "KRONOS_SERVER_METRICS_PORT"):
-            clean_launch_env.setenv(name, str(free_port()))
+        for name, free in zip(("KRONOS_SERVER_HTTP_PORT", "KRONOS_SERVER_METRICS_PORT"), free_ports(2), strict=True):
+            clean_launch_env.setenv(name, str(free))
         with pytest.raises(LaunchSettingsError) as caught:
             check_ports_free(load_launch_settings())
     assert str(caught.value).startswith(f"KRONOS_SERVER_GRPC_PORT: cannot listen on 127.0.0.1:{port} ("), caught.value
