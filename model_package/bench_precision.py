@@ -42,7 +42,7 @@ from .forecaster import KronosForecaster, SamplingParams
 from .frames import SERIES_ID, TIMESTAMP
 from .kronos import generate
 from .kronos.decoding import StepLinear, packed_weights
-from .kronos.precision import PRECISIONS, Int8Dense, check_precision, set_precision
+from .kronos.precision import PRECISIONS, check_precision, set_precision
 
 MAX_CONTEXT = 512  # the Kronos-small window
 HISTORY, STEPS = 392, 120
@@ -129,7 +129,7 @@ def layer_times(precisions: list[str], device: torch.device, repeats: int, rows:
         layers = [layer for b in packed.blocks for layer in (b.qkv, b.out, b.w13, b.w2)]
         layers += [packed.fusion, packed.s1_head, packed.dep_q, packed.dep_kv, packed.dep_out, packed.s2_head]
         for n in rows:
-            inputs = [torch.randn(n, 1, _in_features(layer), device=device, dtype=dtype) for layer in layers]
+            inputs = [torch.randn(n, 1, layer.in_features, device=device, dtype=dtype) for layer in layers]
 
             def steps(count: int, inputs: list[torch.Tensor] = inputs, layers: list[StepLinear] = layers) -> None:
                 for _ in range(count):
@@ -140,10 +140,6 @@ def layer_times(precisions: list[str], device: torch.device, repeats: int, rows:
             times = [_seconds(partial(steps, 20), device) / 20 for _ in range(max(3, repeats))]
             result.append(LayerRow(p, n, statistics.median(times) * 1e3))
     return result
-
-
-def _in_features(layer: StepLinear) -> int:
-    return layer.in_features if isinstance(layer, Int8Dense) else layer.input_major.shape[0]
 
 
 def held_out_windows(count: int, lookback: int, horizon: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:

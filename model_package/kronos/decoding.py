@@ -3,11 +3,12 @@
 A step evaluates one new position per row, so every weight matrix is read once to multiply
 a few vectors and the step is bound by memory bandwidth. `PackedKronos` keeps the weights
 fused (q/k/v in one matrix, w1/w3 in one) and input-major ([in, out], the layout whose
-products read fastest on CPU for every row count we measured with torch 2.13, and the
-natural one on GPU). With the opt-in reduced precision (`precision.set_precision`) they
-are in the model's half dtype, or int8 (`precision.Int8Dense`, CPU), which reads a
-quarter of the bytes. The attention itself (which keys each row sees) is the caller's:
-`trunk` takes it as a function (`engine.Lane.attend`, `engine.grid_attention`).
+float32 products read fastest on CPU for every row count we measured with torch 2.13, and
+the natural one on GPU). With the opt-in reduced precision (`precision.set_precision`) they
+are in the model's half dtype (output-major on CPU, where oneDNN's bfloat16 products prefer
+it), or int8 (`precision.Int8Dense`, CPU), which reads a quarter of the bytes. The
+attention itself (which keys each row sees) is the caller's: `trunk` takes it as a function
+(`engine.Lane.attend`, `engine.grid_attention`).
 
 Shapes: n rows, H heads, hd head size, Tq query positions per row, d model size.
 """
@@ -21,9 +22,9 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from .layers import RotaryEmbedding, TransformerBlock, apply_rotary, rms_norm
+from .layers import RotaryEmbedding, TransformerBlock, apply_rotary_rolled, rms_norm, signed_sin
 from .model import Kronos
-from .precision import Int8Dense, model_precision
+from .precision import HALF_DTYPES, Int8Dense, model_precision
 
 
 @dataclass
@@ -42,15 +43,45 @@ class Dense:
         return cls(weight.t().contiguous(), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]. F.linear of the transposed view is one call into ATen
+        that ends in the same product as `addmm(bias, x_2d, input_major)` (or `x_2d @
+        input_major`), so the same bits, with less Python around it."""
+        return F.linear(x, self.input_major.t(), self.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.input_major.shape[0]
+
+
+@dataclass
+class OutputMajorDense:
+    """A (fused) linear layer of a half-precision model on CPU, output-major like nn.Linear:
+    out = x @ weight^T + bias. oneDNN's bfloat16 products read this layout faster than the
+    input-major one (1.1-1.4x at 1 and 16 rows, PERFORMANCE.md "Reduced precision")."""
+
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None  # [out]
+
+    @classmethod
+    def of(cls, *linears: torch.nn.Linear) -> OutputMajorDense:
+        """Stack Linear layers along their outputs."""
+        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
+        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
+        return cls(weight.contiguous(), torch.cat(biases).contiguous() if biases else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat @ self.input_major if self.bias is None else torch.addmm(self.bias, flat, self.input_major)
-        return out.reshape(*x.shape[:-1], self.input_major.shape[1])
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
 
 
-# A packed layer: Dense in the model's dtype (float32, bfloat16, float16) or, with the int8
-# precision, Int8Dense (model_package/kronos/precision.py). Both map x [..., in] -> [..., out].
-StepLinear = Dense | Int8Dense
+# A packed layer: Dense in the model's dtype (float32; half precisions on GPU),
+# OutputMajorDense (half precisions on CPU) or, with the int8 precision, Int8Dense
+# (model_package/kronos/precision.py). All map x [..., in] -> [..., out].
+StepLinear = Dense | OutputMajorDense | Int8Dense
 
 
 @dataclass
@@ -100,10 +131,11 @@ class PackedKronos:
         n, Tq, d = x.shape
         H = self.n_heads
         cos, sin = rotary.cos_sin(positions)  # [n, 1, Tq, hd]
+        sin = signed_sin(sin)
         for i, blk in enumerate(self.blocks):
             qkv = blk.qkv(rms_norm(x, blk.norm1))  # [n, Tq, 3d]
             qkv = qkv.view(n, Tq, 3, H, d // H).permute(2, 0, 3, 1, 4)  # [3, n, H, Tq, hd]
-            q, k = apply_rotary(qkv[:2], cos, sin)  # both rotated in one pass
+            q, k = apply_rotary_rolled(qkv[:2], cos, sin)  # both rotated in one pass
             attended = attend(i, q, k, qkv[2])
             x = x + blk.out(attended.transpose(1, 2).reshape(n, Tq, d))
             gate, up = blk.w13(rms_norm(x, blk.norm2)).chunk(2, dim=-1)  # [n, Tq, ff] each
@@ -152,7 +184,11 @@ def packed_weights(model: Kronos) -> PackedKronos:
         return cached
     # int8: every packed layer (the heads too: keeping them float32 did not raise the token
     # agreement with float32, see PERFORMANCE.md "Reduced precision").
-    linear: Callable[..., StepLinear] = Int8Dense.of if precision == "int8" else Dense.of
+    linear: Callable[..., StepLinear] = Dense.of
+    if precision == "int8":
+        linear = Int8Dense.of
+    elif precision in HALF_DTYPES and next(model.parameters()).device.type == "cpu":
+        linear = OutputMajorDense.of
     with torch.no_grad():
         blocks = []
         for block in cast("list[TransformerBlock]", list(model.transformer)):

@@ -243,11 +243,14 @@ class Admission:
 @dataclass
 class KeyView:
     """What a lane's rows attend over in one phase of a step: visible [R, 1, Wp' + Ts']
-    over its first Wp' prefix and Ts' suffix columns."""
+    over its first Wp' prefix and Ts' suffix columns; for the fused attention of a one-path
+    lane also as an additive mask [R, 1, 1, Wp' + Ts'] (0 seen, -inf hidden: what
+    `scaled_dot_product_attention` would make of the boolean mask at every call)."""
 
     visible: torch.Tensor
     prefix_width: int
     suffix_width: int
+    additive: torch.Tensor | None = None
 
 
 class Lane:
@@ -412,7 +415,11 @@ class Lane:
             oldest = Lk + g - W  # positions <= this are out of the window
             prefix &= prefix_cols[None, :] > oldest[:, None]
             suffix &= (Lk[:, None] + suffix_cols[None, :]) > oldest[:, None]
-        return KeyView(torch.cat((prefix, suffix), dim=1)[:, None], prefix_width, suffix_width)
+        visible = torch.cat((prefix, suffix), dim=1)[:, None]  # [R, 1, keys]
+        if self.S > 1:
+            return KeyView(visible, prefix_width, suffix_width)
+        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -torch.inf)
+        return KeyView(visible, prefix_width, suffix_width, additive[:, None])
 
     def attend(self, layer: int, q: torch.Tensor, view: KeyView) -> torch.Tensor:
         """q [n, H, 1, hd] of the live rows -> their attention output [n, H, 1, hd]."""
@@ -425,7 +432,7 @@ class Lane:
         if self.S == 1:  # one fused call over the joint prefix + suffix columns
             keys = Wp + Ts
             k, v = self.joint_k[layer][:, :, :keys], self.joint_v[layer][:, :, :keys]  # [R, H, keys, hd]
-            out = F.scaled_dot_product_attention(q_grid, k, v, attn_mask=view.visible[:, None])
+            out = F.scaled_dot_product_attention(q_grid, k, v, attn_mask=view.additive)
             return out if self.full else out[self.live]
         out = grid_attention(
             q_grid,
@@ -437,10 +444,24 @@ class Lane:
         )
         return out if self.full else out[self.live]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> None:
-        """k, v [n, H, 1, hd] of the live rows into their suffix column `columns` [n]."""
-        self.suffix_k[layer][self.live, :, columns] = k[:, :, 0]
-        self.suffix_v[layer][self.live, :, columns] = v[:, :, 0]
+    def cache_rows(self, columns: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Where `write` puts the live rows' keys of suffix column `columns` [n]: for each head
+        count H, the rows [n * H] (row-major over (live row, head)) of a layer's cache seen as
+        [R * H * C, hd], C its columns per head (Wp + Ts in a one-path lane's joint tensor,
+        Ts in a suffix tensor). Computed once a step for all layers."""
+        width, offset = (self.Wp + self.Ts, self.Wp) if self.S == 1 else (self.Ts, 0)
+        rows = {}
+        for H in {H for H, _ in self.heads}:
+            heads = torch.arange(H, device=self.device)
+            rows[H] = ((self.live[:, None] * H + heads) * width + offset + columns[:, None]).reshape(-1)
+        return rows
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: dict[int, torch.Tensor]) -> None:
+        """k, v [n, H, 1, hd] of the live rows into their suffix column (`cache_rows`)."""
+        H, hd = self.heads[layer]
+        keys, values = (self.joint_k, self.joint_v) if self.S == 1 else (self.suffix_k, self.suffix_v)
+        keys[layer].view(-1, hd).index_copy_(0, rows[H], k.reshape(-1, hd))
+        values[layer].view(-1, hd).index_copy_(0, rows[H], v.reshape(-1, hd))
 
 
 @dataclass
@@ -743,17 +764,22 @@ class Engine:
         ids = torch.cat([lane.live_ids for lane in lanes])  # [n]
         sizes = [len(lane.live) for lane in lanes]
         generated = t.generated[ids]  # [n], the newest token is number generated - 1
+
+        def per_lane(x: torch.Tensor) -> Sequence[torch.Tensor]:
+            return (x,) if len(lanes) == 1 else x.split(sizes)
+
         newest = (W + generated - 1)[:, None]  # [n, 1] column
-        columns = (generated - 1).split(sizes)  # suffix column of the newest key, per lane
+        # rows of each lane's caches that take the newest keys (suffix column generated - 1)
+        rows = [lane.cache_rows(cols) for lane, cols in zip(lanes, per_lane(generated - 1), strict=True)]
         positions = t.kept[ids][:, None] + generated[:, None] - 1  # [n, 1]
         visible = [lane.visible(t, W, self.rolling) for lane in lanes]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             outs = []
-            for lane, qi, ki, vi, cols, vis in zip(
-                lanes, q.split(sizes), k.split(sizes), v.split(sizes), columns, visible, strict=True
+            for lane, qi, ki, vi, where, vis in zip(
+                lanes, per_lane(q), per_lane(k), per_lane(v), rows, visible, strict=True
             ):
-                lane.write(layer, ki, vi, cols)
+                lane.write(layer, ki, vi, where)
                 outs.append(lane.attend(layer, qi, vis))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -763,9 +789,9 @@ class Engine:
         h = self.packed.trunk(x, positions, self.model.rotary, attend)  # [n, 1, d]
         dep_k, dep_v = self.packed.dependency_keys_values(h)  # [n, 4, 1, hd]
         dep = len(self.heads) - 1
-        parts = zip(lanes, h.split(sizes), dep_k.split(sizes), dep_v.split(sizes), columns, strict=True)
-        for lane, hi, ki, vi, cols in parts:
-            lane.write(dep, ki, vi, cols)
+        parts = zip(lanes, per_lane(h), per_lane(dep_k), per_lane(dep_v), rows, strict=True)
+        for lane, hi, ki, vi, where in parts:
+            lane.write(dep, ki, vi, where)
             lane.h_last[lane.live] = hi[:, 0]
         self.stats.incremental_steps += 1
 

@@ -30,8 +30,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
     # Upstream's float32 operations in their order, in place where the value is fresh: fewer
-    # operators than F.rms_norm's decomposition on CPU, the same bits.
-    inverse_rms = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
+    # operators than F.rms_norm's decomposition on CPU, the same bits. x * x is pow(x, 2)'s
+    # own arithmetic, and sum then div_ by the count is how ATen computes a float32 mean
+    # (without mean's dtype round trip of the divisor).
+    inverse_rms = (x * x).sum(-1, keepdim=True).div_(float(x.shape[-1])).add_(eps).rsqrt_()  # [..., 1]
     return (x * inverse_rms).mul_(weight)
 
 
@@ -73,6 +75,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, hd] rotated by the angles in cos/sin [B or 1, 1, T, hd]."""
     return x * cos + rotate_half(x) * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., hd] -> [-sin[..., :hd/2], sin[..., hd/2:]], the table of `apply_rotary_rolled`."""
+    first, second = sin.chunk(2, dim=-1)
+    return torch.cat((-first, second), dim=-1)
+
+
+def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with fewer operators, the same bits: rotate_half(x) * sin equals
+    roll(x, hd/2) * signed_sin(sin) entry for entry (a product only changes sign when a
+    factor does). x [..., hd]; cos, sin_signed broadcast to it."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache:
