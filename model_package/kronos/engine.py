@@ -65,6 +65,7 @@ from .decoding import PackedKronos, packed_weights
 from .host_memory import reuse_freed_memory
 from .layers import KVCache
 from .model import Kronos
+from .precision import cache_dtype, model_precision
 from .sampling import draw_table, path_keys, sample_tokens
 from .series import (
     GenerationStats,
@@ -262,9 +263,19 @@ class Lane:
     """
 
     def __init__(
-        self, S: int, Wp: int, shape: NetworkShape, heads: list[tuple[int, int]], dtype: torch.dtype, dev: torch.device
+        self,
+        S: int,
+        Wp: int,
+        shape: NetworkShape,
+        heads: list[tuple[int, int]],
+        dtype: torch.dtype,
+        dev: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """dtype: the hidden states'; kv_dtype: the caches' (default dtype, see
+        `precision.cache_dtype`); attention runs in kv_dtype."""
         self.S, self.Wp, self.shape, self.heads, self.dtype, self.device = S, Wp, shape, heads, dtype, dev
+        self.kv_dtype = kv_dtype or dtype
         self.d = shape.d_model
         self.B, self.Ts = 0, 0
         self.slots: list[SeriesState | None] = []
@@ -280,7 +291,7 @@ class Lane:
         """Zeroed caches for B slots and Ts suffix columns. A one-path lane (S = 1) keeps
         each layer's prefix and suffix as the two halves of one joint [B, H, Wp + Ts, hd]
         tensor, so that a step attends over both with one fused attention call."""
-        dtype, dev = self.dtype, self.device
+        dtype, dev = self.kv_dtype, self.device
         self.joint_k: list[torch.Tensor] = []
         self.joint_v: list[torch.Tensor] = []
         self.prefix_k: list[torch.Tensor] = []
@@ -418,11 +429,14 @@ class Lane:
         visible = torch.cat((prefix, suffix), dim=1)[:, None]  # [R, 1, keys]
         if self.S > 1:
             return KeyView(visible, prefix_width, suffix_width)
-        additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, -torch.inf)
+        additive = torch.zeros(visible.shape, dtype=self.kv_dtype, device=self.device)
+        additive.masked_fill_(~visible, -torch.inf)
         return KeyView(visible, prefix_width, suffix_width, additive[:, None])
 
     def attend(self, layer: int, q: torch.Tensor, view: KeyView) -> torch.Tensor:
-        """q [n, H, 1, hd] of the live rows -> their attention output [n, H, 1, hd]."""
+        """q [n, H, 1, hd] of the live rows -> their attention output [n, H, 1, hd] (in q's
+        dtype; computed in the caches')."""
+        q_dtype, q = q.dtype, q.to(self.kv_dtype)
         if self.full:
             q_grid = q
         else:
@@ -433,16 +447,16 @@ class Lane:
             keys = Wp + Ts
             k, v = self.joint_k[layer][:, :, :keys], self.joint_v[layer][:, :, :keys]  # [R, H, keys, hd]
             out = F.scaled_dot_product_attention(q_grid, k, v, attn_mask=view.additive)
-            return out if self.full else out[self.live]
-        out = grid_attention(
-            q_grid,
-            self.prefix_k[layer][:, :, :Wp],
-            self.prefix_v[layer][:, :, :Wp],
-            self.suffix_k[layer][:, :, :Ts] if Ts else None,
-            self.suffix_v[layer][:, :, :Ts] if Ts else None,
-            view.visible,
-        )
-        return out if self.full else out[self.live]
+        else:
+            out = grid_attention(
+                q_grid,
+                self.prefix_k[layer][:, :, :Wp],
+                self.prefix_v[layer][:, :, :Wp],
+                self.suffix_k[layer][:, :, :Ts] if Ts else None,
+                self.suffix_v[layer][:, :, :Ts] if Ts else None,
+                view.visible,
+            )
+        return (out if self.full else out[self.live]).to(q_dtype)
 
     def cache_rows(self, columns: torch.Tensor) -> dict[int, torch.Tensor]:
         """Where `write` puts the live rows' keys of suffix column `columns` [n]: for each head
@@ -460,8 +474,8 @@ class Lane:
         """k, v [n, H, 1, hd] of the live rows into their suffix column (`cache_rows`)."""
         H, hd = self.heads[layer]
         keys, values = (self.joint_k, self.joint_v) if self.S == 1 else (self.suffix_k, self.suffix_v)
-        keys[layer].view(-1, hd).index_copy_(0, rows[H], k.reshape(-1, hd))
-        values[layer].view(-1, hd).index_copy_(0, rows[H], v.reshape(-1, hd))
+        keys[layer].view(-1, hd).index_copy_(0, rows[H], k.reshape(-1, hd).to(self.kv_dtype))
+        values[layer].view(-1, hd).index_copy_(0, rows[H], v.reshape(-1, hd).to(self.kv_dtype))
 
 
 @dataclass
@@ -524,6 +538,7 @@ class Engine:
         self.W = self.max_context
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+        self.kv_dtype = cache_dtype(model_precision(self.model), self.device)  # the lanes' caches
         if self.device.type == "cpu":
             reuse_freed_memory()  # large per-step tensors reuse their pages (host_memory)
         c = self.model.config
@@ -587,7 +602,7 @@ class Engine:
         return self.budget_bytes is None or self.idle or self.bytes_after(series) <= self.budget_bytes
 
     def _new_lane(self, key: tuple[int, int]) -> Lane:
-        return Lane(key[0], key[1], self.shape, self.heads, self.dtype, self.device)
+        return Lane(key[0], key[1], self.shape, self.heads, self.dtype, self.device, self.kv_dtype)
 
     # -- adding series --------------------------------------------------------------------
 
@@ -637,7 +652,7 @@ class Engine:
         W, Lk = self.W, state.kept
         first = state.rows[:1]
         cols = slice(W - Lk, W)
-        caches = [KVCache(1, H, Lk, hd, self.dtype, self.device) for H, hd in self.heads[:-1]]
+        caches = [KVCache(1, H, Lk, hd, self.kv_dtype, self.device) for H, hd in self.heads[:-1]]
         h, dep_k, dep_v = self._causal_pass(first, cols, caches)  # [1, Lk, d], [1, 4, Lk, hd]
         prefix = [(c.k[0], c.v[0]) for c in caches] + [(dep_k[0], dep_v[0])]
         key = self._lane_key(state.input)

@@ -10,7 +10,9 @@
   `Int8Dense`: int8 weights with one scale per output channel, each activation row
   quantized on its own scale (int32 accumulation, fbgemm). The engine runs its decode steps,
   prefills and exact window recomputes through them (`engine.Engine._causal_pass`).
-  Embeddings, norms, attention, KV caches and the `reference` mode stay float32.
+  Embeddings, norms, the prefill's attention and the `reference` mode stay float32; the
+  lanes' KV caches are bfloat16 on CPUs with native bfloat16 (`cache_dtype`), float32
+  otherwise.
 
 The chosen precision is recorded on the model (`set_precision`) and `decoding.packed_weights`
 reads it (`model_precision`), rebuilding its packed copy whenever it changes.
@@ -99,6 +101,16 @@ def precision_note(precision: str, device: torch.device | str) -> str | None:
             "is slower than float32 (see PERFORMANCE.md, Reduced precision); int8 is the fast CPU option"
         )
     return None
+
+
+def cache_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of the engine's KV caches: the model's dtype (float32, or the half dtype),
+    except for int8 on a CPU with native bfloat16, where the lanes keep their keys and values
+    in bfloat16 (half the bytes a step's attention reads: the larger part of a step at 16 and
+    more rows, PERFORMANCE.md "Reduced precision")."""
+    if precision == "int8" and torch.device(device).type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return HALF_DTYPES.get(precision, torch.float32)
 
 
 # -- the precision of a model ----------------------------------------------------------------
