@@ -83,6 +83,16 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of `parts` along dim 0; a single part as it is (no copy, no operator)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+
+def _split(x: torch.Tensor, sizes: list[int]) -> Sequence[torch.Tensor]:
+    """x split along dim 0 into parts of `sizes`; x itself when there is one part."""
+    return (x,) if len(sizes) == 1 else x.split(sizes)
+
+
 # -- attention over a lane's grid ------------------------------------------------------------
 
 
@@ -286,6 +296,9 @@ class Lane:
         self.live: torch.Tensor = torch.zeros(0, dtype=torch.long, device=dev)  # [n] live grid rows
         self.live_ids: torch.Tensor = self.live
         self.full = False  # every grid row is live
+        # The view of the last trunk pass: the rows' next draws see the same keys (the newest
+        # included, no count changed since), unless a series joined or left (refresh).
+        self.carried_view: KeyView | None = None
 
     def _allocate(self, B: int, Ts: int) -> None:
         """Zeroed caches for B slots and Ts suffix columns. A one-path lane (S = 1) keeps
@@ -405,6 +418,7 @@ class Lane:
         self.full = len(live) == self.B * self.S
         self.live = torch.tensor(live, dtype=torch.long, device=self.device)
         self.live_ids = self.row_id[self.live]
+        self.carried_view = None
 
     # -- attention ------------------------------------------------------------------------
 
@@ -711,7 +725,7 @@ class Engine:
                 lane.live_ids,
                 lane.h_last if lane.full else lane.h_last[lane.live],
                 lane,
-                lane.visible(t, W, self.rolling),
+                lane.carried_view or lane.visible(t, W, self.rolling),
             )
             for lane in self.lanes.values()
             if len(lane.live)
@@ -723,12 +737,12 @@ class Engine:
         the row table at its next column."""
         t, packed, model = self.table, self.packed, self.model
         groups = self._groups()
-        ids = torch.cat([g.row_ids for g in groups])  # [n]
-        h = torch.cat([g.h_last for g in groups])  # [n, d]
+        ids = _joined([g.row_ids for g in groups])  # [n]
+        h = _joined([g.h_last for g in groups])  # [n, d]
         sizes = [len(g.row_ids) for g in groups]
 
         def attend(q: torch.Tensor) -> torch.Tensor:  # q [n, 4, 1, hd]
-            return torch.cat([g.attend_s2(qi) for g, qi in zip(groups, q.split(sizes), strict=True)])
+            return _joined([g.attend_s2(qi) for g, qi in zip(groups, _split(q, sizes), strict=True)])
 
         generated = t.generated[ids]  # [n]
         settings = (t.temperature[ids], t.top_k[ids], t.top_p[ids])
@@ -776,27 +790,25 @@ class Engine:
         if not lanes:
             return
         t, W = self.table, self.W
-        ids = torch.cat([lane.live_ids for lane in lanes])  # [n]
+        ids = _joined([lane.live_ids for lane in lanes])  # [n]
         sizes = [len(lane.live) for lane in lanes]
         generated = t.generated[ids]  # [n], the newest token is number generated - 1
-
-        def per_lane(x: torch.Tensor) -> Sequence[torch.Tensor]:
-            return (x,) if len(lanes) == 1 else x.split(sizes)
-
         newest = (W + generated - 1)[:, None]  # [n, 1] column
         # rows of each lane's caches that take the newest keys (suffix column generated - 1)
-        rows = [lane.cache_rows(cols) for lane, cols in zip(lanes, per_lane(generated - 1), strict=True)]
+        rows = [lane.cache_rows(cols) for lane, cols in zip(lanes, _split(generated - 1, sizes), strict=True)]
         positions = t.kept[ids][:, None] + generated[:, None] - 1  # [n, 1]
         visible = [lane.visible(t, W, self.rolling) for lane in lanes]
+        for lane, view in zip(lanes, visible, strict=True):
+            lane.carried_view = view
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             outs = []
             for lane, qi, ki, vi, where, vis in zip(
-                lanes, per_lane(q), per_lane(k), per_lane(v), rows, visible, strict=True
+                lanes, _split(q, sizes), _split(k, sizes), _split(v, sizes), rows, visible, strict=True
             ):
                 lane.write(layer, ki, vi, where)
                 outs.append(lane.attend(layer, qi, vis))
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+            return _joined(outs)
 
         x = self.packed.embed(
             self.model, t.tok1[ids[:, None], newest], t.tok2[ids[:, None], newest], t.stamps[ids[:, None], newest]
@@ -804,7 +816,7 @@ class Engine:
         h = self.packed.trunk(x, positions, self.model.rotary, attend)  # [n, 1, d]
         dep_k, dep_v = self.packed.dependency_keys_values(h)  # [n, 4, 1, hd]
         dep = len(self.heads) - 1
-        parts = zip(lanes, per_lane(h), per_lane(dep_k), per_lane(dep_v), rows, strict=True)
+        parts = zip(lanes, _split(h, sizes), _split(dep_k, sizes), _split(dep_v, sizes), rows, strict=True)
         for lane, hi, ki, vi, where in parts:
             lane.write(dep, ki, vi, where)
             lane.h_last[lane.live] = hi[:, 0]
