@@ -485,11 +485,12 @@ class Lane:
         return rows
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: dict[int, torch.Tensor]) -> None:
-        """k, v [n, H, 1, hd] of the live rows into their suffix column (`cache_rows`)."""
+        """k, v [n, H, 1, hd] of the live rows into their suffix column (`cache_rows`; index_put_
+        on one flat index: faster than index_copy_ in a step at every row count measured)."""
         H, hd = self.heads[layer]
         keys, values = (self.joint_k, self.joint_v) if self.S == 1 else (self.suffix_k, self.suffix_v)
-        keys[layer].view(-1, hd).index_copy_(0, rows[H], k.reshape(-1, hd).to(self.kv_dtype))
-        values[layer].view(-1, hd).index_copy_(0, rows[H], v.reshape(-1, hd).to(self.kv_dtype))
+        keys[layer].view(-1, hd).index_put_((rows[H],), k.reshape(-1, hd).to(self.kv_dtype))
+        values[layer].view(-1, hd).index_put_((rows[H],), v.reshape(-1, hd).to(self.kv_dtype))
 
 
 @dataclass
