@@ -16,8 +16,11 @@ The other part of a step is operator dispatch: Python, the dispatcher and the la
 each of a step's ~2 000 operators (views included), whatever their size. The script
 measures it as the step time of a narrow model with the same operator graph (the same
 layers, heads, vocabularies and history, d_model and ff_dim 64, so that its products and
-attention read almost nothing): "dispatch". A step cannot be faster than the larger of
-its floor and its dispatch time, and is about their sum on CPU, where nothing overlaps.
+attention read almost nothing): "dispatch". At one row that is all it is; with many rows
+it also holds the work that grows with the rows but not with the width (the fused
+attention's set-up per row and head, sampling over the vocabularies). A step cannot be
+faster than the larger of its floor and its dispatch time, and is about their sum on CPU,
+where nothing overlaps.
 
 Random weights of the Kronos-small shape (speed does not depend on the values); each row
 is its own series with a 392-candle history (the window is 512), greedy. `--dtype` runs the

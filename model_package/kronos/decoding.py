@@ -22,7 +22,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from .layers import RotaryEmbedding, TransformerBlock, apply_rotary_rolled, rms_norm, signed_sin
+from .layers import RotaryEmbedding, TransformerBlock, apply_rotary_rolled, rms_norm, signed_sin, stacked_linears
 from .model import Kronos
 from .precision import HALF_DTYPES, Int8Dense, model_precision
 
@@ -37,9 +37,7 @@ class Dense:
     @classmethod
     def of(cls, *linears: torch.nn.Linear) -> Dense:
         """Stack Linear layers along their outputs."""
-        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
-        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
-        bias = torch.cat(biases).contiguous() if biases else None
+        weight, bias = stacked_linears(*linears)  # [sum(out), in], [sum(out)]
         return cls(weight.t().contiguous(), bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +63,7 @@ class OutputMajorDense:
     @classmethod
     def of(cls, *linears: torch.nn.Linear) -> OutputMajorDense:
         """Stack Linear layers along their outputs."""
-        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
-        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
-        return cls(weight.contiguous(), torch.cat(biases).contiguous() if biases else None)
+        return cls(*stacked_linears(*linears))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""

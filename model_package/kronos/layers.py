@@ -113,6 +113,14 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def stacked_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Linear layers stacked along their outputs (one fused layer): weight [sum(out), in] and
+    bias [sum(out)] (None when they have none), detached and contiguous."""
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
+    return weight.contiguous(), torch.cat(biases).contiguous() if biases else None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout that is not even dispatched in eval mode or with p = 0."""
     return F.dropout(x, p, True) if training and p > 0 else x

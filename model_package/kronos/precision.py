@@ -27,7 +27,7 @@ from typing import cast
 
 import torch
 
-from .layers import RotaryEmbedding, SelfAttention, rotary_inv_freq
+from .layers import RotaryEmbedding, SelfAttention, rotary_inv_freq, stacked_linears
 from .model import CrossAttention, Kronos
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8")
@@ -223,9 +223,7 @@ class Int8Dense:
     @classmethod
     def of(cls, *linears: torch.nn.Linear) -> Int8Dense:
         """Stack Linear layers along their outputs, then quantize."""
-        weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [sum(out), in]
-        biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
-        return cls(weight, torch.cat(biases) if biases else None)
+        return cls(*stacked_linears(*linears))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] float32 -> [..., out] float32."""

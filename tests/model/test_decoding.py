@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_package.kronos.config import KronosConfig
 from model_package.kronos.decoding import Dense, OutputMajorDense, packed_weights
 from model_package.kronos.model import Kronos
 from model_package.kronos.precision import set_precision
+from model_package.kronos.presets import TINY_MODEL_CONFIG
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 256, 300])
@@ -47,26 +47,13 @@ def test_dense_gives_the_bits_of_the_input_major_product(rows, bias):
 def test_half_precision_on_cpu_packs_output_major_layers():
     """bfloat16 on CPU keeps nn.Linear's [out, in] layout (oneDNN reads it faster) and
     computes what F.linear computes with the fused weights."""
-    config = KronosConfig(
-        4,
-        4,
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        ff_dim=64,
-        ffn_dropout_p=0.0,
-        attn_dropout_p=0.0,
-        resid_dropout_p=0.0,
-        token_dropout_p=0.0,
-        learn_te=True,
-    )
-    model = set_precision(Kronos(config).eval(), "bfloat16")
+    model = set_precision(Kronos(TINY_MODEL_CONFIG).eval(), "bfloat16")
     packed = packed_weights(model)
     block = packed.blocks[0]
     assert isinstance(block.qkv, OutputMajorDense) and block.qkv.weight.dtype == torch.bfloat16
-    assert block.qkv.weight.shape == (96, 32) and block.qkv.in_features == 32
+    assert block.qkv.weight.shape == (144, 48) and block.qkv.in_features == 48
     attn = model.transformer[0].self_attn
-    x = torch.randn(3, 1, 32, dtype=torch.bfloat16)
+    x = torch.randn(3, 1, 48, dtype=torch.bfloat16)
     weight = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
     bias = torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))
     assert torch.equal(block.qkv(x), torch.nn.functional.linear(x, weight, bias))
