@@ -7,8 +7,9 @@
 `throughput` starts MLServer twice on free 127.0.0.1 ports, once with the series-aware
 batcher (`max_batch_size` 64 series) and once with `max_batch_size` 1 (every request its
 own pass), and has `--clients` concurrent clients send `--requests` forecasts each
-(`--history` candles -> `--pred-len` steps, generation mode `--mode`). `overhead` times one REST request against
-`KronosForecaster.predict` on the same input and threads (median of `--repeats`).
+(`--history` candles -> `--pred-len` steps, generation mode `--mode`, precision `--dtype`).
+`overhead` times one REST request against `KronosForecaster.predict` on the same input and
+threads (median of `--repeats`).
 Both log a random-weight model of the chosen shape (`--shape small` = Kronos-small, or
 `tiny` for a quick try) into a temporary sqlite registry (`serving.local_server`). The
 servers' budgets (`KRONOS_MAX_REQUEST_MEMORY_MB`, `KRONOS_QUEUE_BUDGET_MB`,
@@ -36,6 +37,7 @@ import torch
 from model_package import KronosForecaster
 from model_package.budget import request_cost
 from model_package.data import random_walk_candles
+from model_package.kronos.precision import PRECISIONS
 from model_package.settings import MIB
 from serving.loadtest.payloads import Spec, rest_body
 from serving.local_server import (
@@ -67,13 +69,20 @@ def budget_env(forecaster: KronosForecaster, clients: int, history: int, pred_le
 
 
 def start_server(
-    workdir: Path, tracking_uri: str, batch_series: int, threads: int, budgets: dict[str, str], mode: str = "fast"
+    workdir: Path,
+    tracking_uri: str,
+    batch_series: int,
+    threads: int,
+    budgets: dict[str, str],
+    mode: str = "fast",
+    dtype: str = "float32",
 ) -> LocalServer:
-    """MLServer with serving/ settings on free ports, `max_batch_size` = `batch_series`."""
+    """MLServer with serving/ settings on free ports, `max_batch_size` = `batch_series`,
+    generating in `dtype` (KRONOS_DTYPE)."""
     return LocalServer.start(
         workdir,
         tracking_uri,
-        env={"KRONOS_TORCH_THREADS": str(threads), "KRONOS_GENERATION_MODE": mode, **budgets},
+        env={"KRONOS_TORCH_THREADS": str(threads), "KRONOS_GENERATION_MODE": mode, "KRONOS_DTYPE": dtype, **budgets},
         model_settings={"max_batch_size": batch_series},
         timeout_s=START_TIMEOUT_S,
     )
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--mode", default="fast", choices=("fast", "rolling"), help="generation mode of the server")
+    parser.add_argument("--dtype", default="float32", choices=PRECISIONS, help="the servers' KRONOS_DTYPE")
     args = parser.parse_args(argv)
     try:
         shape = random_shape(args.shape)
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             budgets = budget_env(shape_forecaster(shape), args.clients, args.history, args.pred_len)
             results = {}
             for label, batch in (("batched", 64), ("unbatched", 1)):
-                with start_server(root / label, uri, batch, args.threads, budgets, args.mode) as server:
+                with start_server(root / label, uri, batch, args.threads, budgets, args.mode, args.dtype) as server:
                     results[label] = throughput(server.url, args.clients, args.requests, args.history, args.pred_len)
                 print(f"{label}: {results[label]:.3f} forecasts/s", flush=True)
             print(f"speed-up: {results['batched'] / results['unbatched']:.2f}x")
