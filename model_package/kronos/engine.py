@@ -28,7 +28,9 @@ to a power of two) and the same prefix width Wp (Lk rounded up to a multiple of 
 W), so that padding wastes at most 63 prefix columns and attention over a lane is one call
 per layer: a fused `scaled_dot_product_attention` over each row's joint prefix + suffix in
 one-path lanes (S = 1), `grid_attention` (the prefix read once for a slot's S paths)
-otherwise. Row r = b * S + p of a lane is path p of prefix slot b.
+otherwise. Row r = b * S + p of a lane is path p of prefix slot b. A lane's caches are in
+the engine's cache dtype (`precision.cache_dtype`: the model's, or bfloat16 for int8 on a
+CPU with native bfloat16), and its attention runs in it.
 
 Token columns: a row's tokens live in the pool's row table, width W + Pcap, with its kept
 history right-aligned to column W: history token i (of Lk) at column W - Lk + i and
@@ -40,7 +42,7 @@ per slot; H heads, hd head size (trunk layers and the s2 head, which has 4 heads
 Wp prefix columns, Ts suffix columns (generated keys, one per step); Tq query positions;
 d model size; W max_context; L history candles of a series, Lk = min(L, W) of them kept,
 g tokens generated so far, P horizon (pred_len); Rcap, Pcap the row table's row and
-horizon capacities.
+horizon capacities; C columns per head of a cache tensor (Wp + Ts joint, or Ts).
 """
 
 from __future__ import annotations
