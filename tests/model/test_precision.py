@@ -21,7 +21,9 @@ from model_package.kronos.precision import (
     PRECISIONS,
     Float32Rotary,
     Int8Dense,
+    cache_dtype,
     check_precision,
+    cpu_has_native_bf16,
     model_precision,
     set_precision,
 )
@@ -192,6 +194,27 @@ def test_int8_gives_a_series_the_same_tokens_alone_or_batched(tiny_checkpoints, 
         (alone,), _ = generate(int8.tokenizer, int8.model, [s], CONTEXT)
         assert alone is not None and batched is not None
         assert torch.equal(alone.window_s1, batched.window_s1) and torch.equal(alone.window_s2, batched.window_s2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8", "bfloat16"])
+def test_the_lanes_keep_their_caches_in_the_cache_dtype(tiny_checkpoints, candles, dtype):
+    """float32 and bfloat16 lanes cache in the model's dtype; int8 lanes in bfloat16 where the
+    CPU multiplies it natively (half the bytes a step's attention reads), float32 elsewhere.
+    The hidden states stay in the model's dtype, and the int8 step still works."""
+    want = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if want is None:
+        want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert cache_dtype(dtype, "cpu") == want
+    forecaster = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=CONTEXT, device="cpu", dtype=dtype)
+    series = forecaster.prepare(candles(30, seed=3), SamplingParams(pred_len=4, sample_count=2, top_k=0, seed=1))
+    engine = Engine(forecaster.tokenizer, forecaster.model, CONTEXT)
+    engine.add(series.inputs)
+    (lane,) = engine.lanes.values()
+    assert {t.dtype for t in (*lane.prefix_k, *lane.suffix_v)} == {want}
+    assert lane.h_last.dtype == next(forecaster.model.parameters()).dtype
+    while not engine.idle:
+        engine.step()
+    assert engine.stats.incremental_steps == 3
 
 
 def test_int8_leaves_the_reference_mode_in_float32(tiny_checkpoints, candles):
