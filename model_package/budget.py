@@ -14,14 +14,16 @@ from collections.abc import Sequence
 from .errors import KronosInputError
 from .forecaster import KronosForecaster, PreparedRequest
 from .kronos.cost import GenerationCost, NetworkShape, SeriesWork, generation_cost
+from .kronos.precision import cache_value_bytes
 from .settings import MIB, ModelSettings
 
 BUDGET_FIELD = "request"
 
 
 def network_shape(forecaster: KronosForecaster) -> NetworkShape:
-    """The sizes of the forecaster's networks and window that decide memory."""
-    return NetworkShape.of(forecaster.tokenizer.config, forecaster.model.config, forecaster.max_context)
+    """The sizes of the forecaster's networks, window and cache values that decide memory."""
+    cache_bytes = cache_value_bytes(forecaster.dtype, forecaster.device)
+    return NetworkShape.of(forecaster.tokenizer.config, forecaster.model.config, forecaster.max_context, cache_bytes)
 
 
 def request_cost(

@@ -58,9 +58,14 @@ class NetworkShape:
     tokenizer_d_model: int
     tokenizer_ff_dim: int
     max_context: int
+    cache_value_bytes: int = FLOAT_BYTES  # one value of a lane's caches (2 for bfloat16 caches)
 
     @classmethod
-    def of(cls, tokenizer: TokenizerConfig, model: KronosConfig, max_context: int) -> NetworkShape:
+    def of(
+        cls, tokenizer: TokenizerConfig, model: KronosConfig, max_context: int, cache_value_bytes: int = FLOAT_BYTES
+    ) -> NetworkShape:
+        """`cache_value_bytes`: the element size of the engine's lane caches
+        (`precision.cache_value_bytes`)."""
         return cls(
             model.n_layers,
             model.d_model,
@@ -71,12 +76,19 @@ class NetworkShape:
             tokenizer.d_model,
             tokenizer.ff_dim,
             max_context,
+            cache_value_bytes,
         )
 
     @property
     def kv_column_bytes(self) -> int:
-        """Keys + values of one position of one row: every trunk layer and the s2 head."""
+        """Keys + values of one position of one row in float32: every trunk layer and the s2
+        head (transient caches: prefills, recomputed windows)."""
         return (self.n_layers + 1) * 2 * self.d_model * FLOAT_BYTES
+
+    @property
+    def lane_column_bytes(self) -> int:
+        """The same in a lane's caches, whose values take `cache_value_bytes` each."""
+        return (self.n_layers + 1) * 2 * self.d_model * self.cache_value_bytes
 
     def block_bytes(self, rows: int, length: int) -> int:
         """Activations of one transformer block over rows x length positions: the input, its
@@ -165,7 +177,7 @@ def lane_bytes(shape: NetworkShape, slots: int, paths: int, prefix_width: int, s
     last hidden state and the slot/row indices."""
     rows = slots * paths
     columns = slots * prefix_width + rows * suffix_width
-    return columns * shape.kv_column_bytes + rows * shape.d_model * FLOAT_BYTES + (slots + rows) * INDEX_BYTES
+    return columns * shape.lane_column_bytes + rows * shape.d_model * FLOAT_BYTES + (slots + rows) * INDEX_BYTES
 
 
 def row_capacity(rows: int) -> int:
@@ -208,7 +220,7 @@ def _cached_bytes(shape: NetworkShape, work: Sequence[SeriesWork], mode: str) ->
     (a lane that grows or compacts copies them), plus the largest transient."""
     N = sum(w.sample_count for w in work)
     Pmax = max(w.pred_len for w in work)
-    suffix_copy = (SUFFIX_COPIES - 1) * N * Pmax * shape.kv_column_bytes
+    suffix_copy = (SUFFIX_COPIES - 1) * N * Pmax * shape.lane_column_bytes
     keys = {lane_key(w.history_len, w.sample_count, shape.max_context) for w in work}
     grid_rows = sum(
         pow2_at_least(sum(lane_key(w.history_len, w.sample_count, shape.max_context) == k for w in work)) * k[0]

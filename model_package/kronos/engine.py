@@ -67,7 +67,7 @@ from .decoding import PackedKronos, packed_weights
 from .host_memory import reuse_freed_memory
 from .layers import KVCache
 from .model import Kronos
-from .precision import cache_dtype, model_precision
+from .precision import cache_dtype, cache_value_bytes, model_precision
 from .sampling import draw_table, path_keys, sample_tokens
 from .series import (
     GenerationStats,
@@ -561,7 +561,8 @@ class Engine:
         c = self.model.config
         dep = self.model.dep_layer.cross_attn
         self.heads = [(c.n_heads, c.d_model // c.n_heads)] * c.n_layers + [(dep.n_heads, dep.head_dim)]
-        self.shape = NetworkShape.of(self.tokenizer.config, c, self.W)
+        cache_bytes = cache_value_bytes(model_precision(self.model), self.device)
+        self.shape = NetworkShape.of(self.tokenizer.config, c, self.W, cache_bytes)
         self.packed: PackedKronos = packed_weights(self.model)
         self.table = RowTable(self.W, self.device)
         self.lanes: dict[tuple[int, int], Lane] = {}

@@ -113,6 +113,12 @@ def cache_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return HALF_DTYPES.get(precision, torch.float32)
 
 
+def cache_value_bytes(precision: str, device: torch.device | str) -> int:
+    """Bytes of one value of the engine's KV caches (`cache_dtype`): what `cost` prices a
+    lane's keys and values at."""
+    return torch.finfo(cache_dtype(precision, device)).bits // 8
+
+
 # -- the precision of a model ----------------------------------------------------------------
 
 

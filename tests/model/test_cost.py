@@ -6,7 +6,8 @@ import pytest
 
 from model_package import KronosForecaster, KronosInputError
 from model_package.budget import check_request_budget, prepared_cost, request_cost
-from model_package.kronos.cost import MIB, NetworkShape, SeriesWork, generation_cost
+from model_package.kronos.cost import MIB, NetworkShape, SeriesWork, generation_cost, lane_bytes
+from model_package.kronos.precision import cache_value_bytes, cpu_has_native_bf16
 from model_package.kronos.presets import preset_by_name
 from model_package.pyfunc import prepare_request
 from model_package.settings import ModelSettings
@@ -63,3 +64,27 @@ def test_the_pyfunc_prices_before_preparing(tiny_checkpoints, candles):
     tight = ModelSettings(max_request_memory_mb=(priced.memory_bytes - 1) / MIB)
     with pytest.raises(KronosInputError, match="max_request_memory_mb"):
         prepare_request(forecaster, history, params, tight)
+
+
+def test_lanes_are_priced_at_their_cache_values_size():
+    """A lane's keys and values cost `cache_value_bytes` each (bfloat16 caches: half of
+    float32's); transient float32 caches (prefills, recomputed windows) do not change."""
+    half = NetworkShape.of(SMALL.tokenizer_config, SMALL.model_config, 512, cache_value_bytes=2)
+    assert SHAPE.cache_value_bytes == 4 and half.lane_column_bytes * 2 == SHAPE.lane_column_bytes
+    assert half.kv_column_bytes == SHAPE.kv_column_bytes
+    full_lane, half_lane = lane_bytes(SHAPE, 4, 2, 448, 120), lane_bytes(half, 4, 2, 448, 120)
+    assert full_lane - half_lane == (4 * 448 + 8 * 120) * half.lane_column_bytes
+    work = [SeriesWork(392, 120, 1)] * 8
+    assert generation_cost(half, work).memory_bytes < generation_cost(SHAPE, work).memory_bytes
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_request_cost_follows_the_forecasters_cache_dtype(tiny_checkpoints, precision):
+    forecaster = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=64, device="cpu", dtype=precision)
+    f32 = KronosForecaster.from_pretrained(*tiny_checkpoints, max_context=64, device="cpu")
+    size = cache_value_bytes(precision, "cpu")
+    native_bf16 = 2 if cpu_has_native_bf16() else 4  # int8's lanes: bfloat16 where it is native
+    assert size == {"float32": 4, "bfloat16": 2, "int8": native_bf16}[precision]
+    mine, float32 = request_cost(forecaster, [60] * 4, 20, 2), request_cost(f32, [60] * 4, 20, 2)
+    assert (mine.memory_bytes < float32.memory_bytes) == (size == 2)
+    assert mine.memory_bytes <= float32.memory_bytes

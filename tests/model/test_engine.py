@@ -11,6 +11,7 @@ import torch
 from test_generation import _assert_same, _pair, _series
 
 from model_package.kronos import Engine, generate
+from model_package.kronos.precision import set_precision
 
 
 def _run(engine: Engine, arrivals: list[tuple[list, int]], hooks: dict[int, object] | None = None):
@@ -78,9 +79,12 @@ def test_abandoned_rows_leave_at_the_next_step_and_others_are_unharmed():
     _assert_same(keep.outputs, alone)
 
 
+@pytest.mark.parametrize("precision", ["float32", "int8"])
 @pytest.mark.parametrize("mode", ["fast", "rolling"])
-def test_the_pool_never_holds_more_than_its_budget(mode):
+def test_the_pool_never_holds_more_than_its_budget(mode, precision):
+    """int8: its lanes' caches may be bfloat16 (precision.cache_dtype), priced at their size."""
     tokenizer, model = _pair(10, 64, 4, 2, seed=12)
+    set_precision(model, precision)
     W = 32
     rng = random.Random(5)
     pending = [
