@@ -67,7 +67,7 @@ from .decoding import PackedKronos, packed_weights
 from .host_memory import reuse_freed_memory
 from .layers import KVCache
 from .model import Kronos
-from .precision import cache_dtype, cache_value_bytes, model_precision
+from .precision import cache_dtype, model_precision
 from .sampling import draw_table, path_keys, sample_tokens
 from .series import (
     GenerationStats,
@@ -282,12 +282,12 @@ class Lane:
         heads: list[tuple[int, int]],
         dtype: torch.dtype,
         dev: torch.device,
-        kv_dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype,
     ) -> None:
-        """dtype: the hidden states'; kv_dtype: the caches' (default dtype, see
-        `precision.cache_dtype`); attention runs in kv_dtype."""
+        """dtype: the hidden states'; kv_dtype: the caches' (`precision.cache_dtype`);
+        attention runs in kv_dtype."""
         self.S, self.Wp, self.shape, self.heads, self.dtype, self.device = S, Wp, shape, heads, dtype, dev
-        self.kv_dtype = kv_dtype or dtype
+        self.kv_dtype = kv_dtype
         self.d = shape.d_model
         self.B, self.Ts = 0, 0
         self.slots: list[SeriesState | None] = []
@@ -561,8 +561,7 @@ class Engine:
         c = self.model.config
         dep = self.model.dep_layer.cross_attn
         self.heads = [(c.n_heads, c.d_model // c.n_heads)] * c.n_layers + [(dep.n_heads, dep.head_dim)]
-        cache_bytes = cache_value_bytes(model_precision(self.model), self.device)
-        self.shape = NetworkShape.of(self.tokenizer.config, c, self.W, cache_bytes)
+        self.shape = NetworkShape.of(self.tokenizer.config, c, self.W, self.kv_dtype.itemsize)
         self.packed: PackedKronos = packed_weights(self.model)
         self.table = RowTable(self.W, self.device)
         self.lanes: dict[tuple[int, int], Lane] = {}

@@ -116,7 +116,7 @@ def cache_dtype(precision: str, device: torch.device | str) -> torch.dtype:
 def cache_value_bytes(precision: str, device: torch.device | str) -> int:
     """Bytes of one value of the engine's KV caches (`cache_dtype`): what `cost` prices a
     lane's keys and values at."""
-    return torch.finfo(cache_dtype(precision, device)).bits // 8
+    return cache_dtype(precision, device).itemsize
 
 
 # -- the precision of a model ----------------------------------------------------------------
